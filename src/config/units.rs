@@ -1,0 +1,136 @@
+//! The units config values are written in: sizes (`"16MiB"`) and durations
+//! (`"250ms"`, `"10m"`).
+//!
+//! This module owns parsing and printing those strings; which values are allowed
+//! for which setting (e.g. "greater than zero") is decided in `validate`.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+/// A size in bytes, written in config as `"16MiB"`, `"10MB"`, `"512KiB"` or `"1024"`.
+///
+/// Binary (`KiB`, `MiB`, `GiB`, …) and decimal (`KB`, `MB`, `GB`, …) units are
+/// accepted, case-insensitively. `Display` prints the exact size in the largest
+/// unit that divides it, so it parses back to the same value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+/// Units `Display` may use, largest first within each family.
+const UNITS: [(&str, u64); 8] = [
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+    ("TB", 1_000_000_000_000),
+    ("GB", 1_000_000_000),
+    ("MB", 1_000_000),
+    ("KB", 1_000),
+    ("B", 1),
+];
+
+impl ByteSize {
+    /// The size in bytes.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The size in bytes, saturated to `usize` (for buffer limits).
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    /// Parses a size; the error is a lower-case message naming the value.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|size| Self(size.as_u64()))
+            .map_err(|_| format!("not a valid size: {text:?}"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match UNITS
+            .iter()
+            .find(|(_, factor)| self.0 != 0 && self.0 % factor == 0)
+        {
+            Some((unit, factor)) => write!(f, "{}{unit}", self.0 / factor),
+            None => write!(f, "{}B", self.0),
+        }
+    }
+}
+
+/// Parses a duration such as `"250ms"`, `"30s"`, `"10m"`, `"1h"` or `"1h 30m"`.
+///
+/// The error is a lower-case message naming the value.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|_| format!("not a valid duration: {text:?}"))
+}
+
+/// Prints a duration the way config writes it (`"250ms"`, `"2m 30s"`).
+pub fn format_duration(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_and_decimal_units() {
+        let cases = [
+            ("16MiB", 16 << 20),
+            ("10MB", 10_000_000),
+            ("512KiB", 512 << 10),
+            ("1024", 1024),
+            ("1 GiB", 1 << 30),
+            ("256mib", 256 << 20),
+            ("0", 0),
+        ];
+        for (text, bytes) in cases {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_name_the_value() {
+        for text in ["", "MiB", "-1", "ten MiB", "16 parsecs"] {
+            assert_eq!(
+                text.parse::<ByteSize>(),
+                Err(format!("not a valid size: {text:?}"))
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_print_exactly_and_round_trip() {
+        for (bytes, text) in [
+            (16 << 20, "16MiB"),
+            (256 << 20, "256MiB"),
+            (10_000_000, "10MB"),
+            (1536, "3KiB"),
+            (1000, "1KB"),
+            (1001, "1001B"),
+            (0, "0B"),
+        ] {
+            assert_eq!(ByteSize(bytes).to_string(), text);
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)));
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_humantime() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_duration("ten minutes"),
+            Err(r#"not a valid duration: "ten minutes""#.to_string())
+        );
+        assert!(parse_duration("").is_err());
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+    }
+}

@@ -1,0 +1,119 @@
+//! Errors the gateway makes itself, and the one table that gives each its status,
+//! OpenAI `code` and `type`.
+//!
+//! Upstream HTTP errors are not here: a 4xx/5xx from a provider is a response and goes
+//! back to the caller unchanged. Only what the gateway decides (bad input, auth,
+//! routing, limits) and transport failures (unreachable, timed out) are
+//! [`GatewayError`]s. Turning one into a response is `pipeline::respond`'s job.
+//! Config and startup errors have their own types and never reach the wire.
+
+use http::StatusCode;
+
+use crate::{config::ByteSize, secret::KeyId};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("missing API key: send it as `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    #[error("invalid API key")]
+    UnknownApiKey,
+    #[error("key `{key}` may not use model `{model}`")]
+    ModelNotAllowed { key: KeyId, model: String },
+    #[error("no upstream serves model `{0}`")]
+    ModelNotFound(String),
+    #[error("unknown path `{0}`: spillway serves the OpenAI API under /v1/")]
+    UnknownPath(String),
+    #[error("could not read the request body: {0}")]
+    ClientBody(String),
+    #[error("request body exceeds the limit of {limit}")]
+    RequestTooLarge { limit: ByteSize },
+    #[error("upstream `{upstream}` unreachable: {reason}")]
+    UpstreamUnreachable { upstream: String, reason: String },
+    #[error("upstream `{upstream}` did not answer within {after:?}")]
+    UpstreamTimeout {
+        upstream: String,
+        after: std::time::Duration,
+    },
+    #[error("request deadline (server.request_timeout) reached")]
+    DeadlineReached,
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::MissingApiKey | Self::UnknownApiKey => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
+            Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } | Self::DeadlineReached => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.code`; also the metrics label for gateway errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::ClientBody(_) => "invalid_body",
+            Self::MissingApiKey | Self::UnknownApiKey => "invalid_api_key",
+            Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::ModelNotFound(_) => "model_not_found",
+            Self::UnknownPath(_) => "unknown_url",
+            Self::RequestTooLarge { .. } => "request_too_large",
+            Self::UpstreamUnreachable { .. } => "upstream_error",
+            Self::UpstreamTimeout { .. } | Self::DeadlineReached => "upstream_timeout",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_)
+            | Self::ClientBody(_)
+            | Self::ModelNotFound(_)
+            | Self::UnknownPath(_)
+            | Self::RequestTooLarge { .. } => "invalid_request_error",
+            Self::MissingApiKey | Self::UnknownApiKey => "authentication_error",
+            Self::ModelNotAllowed { .. } => "permission_error",
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::DeadlineReached => "upstream_error",
+            Self::Internal(_) => "server_error",
+        }
+    }
+
+    /// How loudly the access log reports it: caller mistakes are not our errors.
+    pub fn level(&self) -> tracing::Level {
+        match self {
+            Self::Internal(_) => tracing::Level::ERROR,
+            Self::UpstreamUnreachable { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::DeadlineReached => tracing::Level::WARN,
+            _ => tracing::Level::INFO,
+        }
+    }
+}
+
+/// Why the gateway could not start (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
+    #[error("cannot start: {0}")]
+    Other(String),
+}

@@ -1,0 +1,199 @@
+//! S5 forward, the leaf: one attempt at one upstream.
+//!
+//! It builds the upstream request (URL under the upstream's base, hop-by-hop headers
+//! dropped, `Authorization` replaced by the upstream's `api_key` where one is set, the
+//! caller's gateway key never forwarded in `keys` mode), sends it on the upstream's
+//! pooled client within the per-attempt timeout, and relays the response as it
+//! arrives: the body is never buffered, and it stops at the request deadline. Protocol
+//! upgrades (WebSocket) are spliced both ways. Dropping the response body (the client
+//! went away) closes the upstream exchange with it.
+//!
+//! Which upstream to try and whether to try again is the retry stage's business; this
+//! stage tries the first candidate once.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header, header::HeaderName};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use super::{GatewayResponse, ProxyRequest, RequestBody, observe::UpstreamOutcome};
+use crate::{
+    error::{BoxError, GatewayError},
+    upstream::{Upstream, UpstreamBody, headers},
+};
+
+const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
+#[derive(Clone, Default)]
+pub struct Forward;
+
+impl Forward {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+// === impl Forward ===
+
+impl Service<ProxyRequest> for Forward {
+    type Response = GatewayResponse;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: ProxyRequest) -> Self::Future {
+        Box::pin(async move {
+            let upstream = request.upstreams[0].clone();
+            let client_upgrade = request.head.extensions.remove::<OnUpgrade>();
+            let outgoing = upstream_request(&upstream, &mut request)?;
+            let started = Instant::now();
+            let attempt_deadline = (started + upstream.timeout).min(request.deadline);
+            let sent = tokio::time::timeout_at(attempt_deadline, upstream.client.request(outgoing)).await;
+            let wait = started.elapsed();
+            let mut response = match sent {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => return Err(transport_error(&upstream, error)),
+                Err(_) if attempt_deadline == request.deadline => return Err(GatewayError::DeadlineReached),
+                Err(_) => {
+                    return Err(GatewayError::UpstreamTimeout { upstream: upstream.name.clone(), after: upstream.timeout });
+                }
+            };
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client_side) = client_upgrade
+            {
+                splice_upgrade(client_side, hyper::upgrade::on(&mut response));
+            }
+            let outcome = UpstreamOutcome { upstream: upstream.name.clone(), attempts: 1, wait };
+            Ok(relay(response, request.deadline, outcome))
+        })
+    }
+}
+
+/// The request as the upstream gets it. Takes a streamed body out of `request`.
+fn upstream_request(upstream: &Upstream, request: &mut ProxyRequest) -> Result<Request<UpstreamBody>, GatewayError> {
+    let head = &request.head;
+    let path = head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let uri = upstream.url_for(&path).map_err(|error| GatewayError::Internal(error.into()))?;
+
+    let mut headers = head.headers.clone();
+    let upgrade = headers::is_upgrade(&headers);
+    headers::strip_hop_by_hop(&mut headers, upgrade);
+    headers.remove(header::HOST);
+    if let Some(authorization) = &upstream.authorization {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+        headers.remove("api-key");
+    } else if !request.caller.forwards_own_key {
+        headers.remove(header::AUTHORIZATION);
+        headers.remove("api-key");
+    }
+
+    let body = match &mut request.body {
+        RequestBody::Buffered(bytes) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync(),
+        RequestBody::Streaming(body) => body
+            .take()
+            .ok_or_else(|| GatewayError::Internal("a streamed request body cannot be sent twice".into()))?,
+    };
+    let mut outgoing = Request::new(body);
+    *outgoing.method_mut() = head.method.clone();
+    *outgoing.uri_mut() = uri;
+    *outgoing.version_mut() = Version::HTTP_11;
+    *outgoing.headers_mut() = headers;
+    Ok(outgoing)
+}
+
+/// A failed send as the caller sees it: a streamed body over the limit is the
+/// caller's 413 (ingress put that error in the body), anything else the upstream's 502.
+fn transport_error(upstream: &Upstream, error: hyper_util::client::legacy::Error) -> GatewayError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let mut reasons = Vec::new();
+    while let Some(error) = source {
+        if let Some(GatewayError::RequestTooLarge { limit }) = error.downcast_ref() {
+            return GatewayError::RequestTooLarge { limit: *limit };
+        }
+        reasons.push(error.to_string());
+        source = error.source();
+    }
+    GatewayError::UpstreamUnreachable { upstream: upstream.name.clone(), reason: reasons.join(": ") }
+}
+
+/// The upstream's response on its way to the client: hop-by-hop headers dropped, its
+/// request id renamed, its body relayed frame by frame until the deadline.
+fn relay(response: Response<Incoming>, deadline: Instant, outcome: UpstreamOutcome) -> GatewayResponse {
+    let (mut head, body) = response.into_parts();
+    let upgrade = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(&mut head.headers, upgrade);
+    if let Some(id) = head.headers.remove("x-request-id") {
+        head.headers.insert(X_UPSTREAM_REQUEST_ID, id);
+    }
+    head.extensions.insert(outcome);
+    let body = UntilDeadline { body, deadline: tokio::time::sleep_until(deadline) };
+    Response::from_parts(head, body.boxed_unsync())
+}
+
+/// Copies bytes both ways between the client and the upstream once both sides have
+/// switched protocols. Ends when either side closes.
+fn splice_upgrade(client_side: OnUpgrade, upstream_side: OnUpgrade) {
+    tokio::spawn(async move {
+        let (client_io, upstream_io) = match tokio::try_join!(client_side, upstream_side) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::debug!(%error, "protocol upgrade failed");
+                return;
+            }
+        };
+        let mut client_io = TokioIo::new(client_io);
+        let mut upstream_io = TokioIo::new(upstream_io);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await {
+            tracing::debug!(%error, "upgraded connection ended");
+        }
+    });
+}
+
+pin_project! {
+    /// A relayed body that fails once the request deadline passes, so a stream can
+    /// never outlive `server.request_timeout`.
+    struct UntilDeadline {
+        #[pin]
+        body: Incoming,
+        #[pin]
+        deadline: Sleep,
+    }
+}
+
+impl Body for UntilDeadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.body.poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from))),
+            Poll::Pending if this.deadline.poll(cx).is_ready() => {
+                Poll::Ready(Some(Err("request deadline reached while streaming the response".into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

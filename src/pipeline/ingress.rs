@@ -1,0 +1,165 @@
+//! S1 ingress: turns a raw hyper request into a [`ProxyRequest`], or into a gateway
+//! error response.
+//!
+//! The steps are plain functions run in order: check the path, authenticate,
+//! read the body (whole for JSON, up to `max_request_body`; streamed otherwise), parse
+//! the fields the gateway needs, authorize the model, and choose candidate upstreams.
+//! Every later stage can rely on what this one established. Errors from here and from
+//! every stage below are turned into responses by `respond`, here, so the stack above
+//! is infallible.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderValue, Request, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, observe::Exchange, respond};
+use crate::{auth, error::{BoxError, GatewayError}, openai::CallSummary, runtime::Runtime};
+
+/// Endpoints whose body is JSON even when the client sends no `content-type`.
+const JSON_ENDPOINTS: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+];
+
+#[derive(Clone)]
+pub struct IngressLayer {
+    runtime: Arc<Runtime>,
+}
+
+impl IngressLayer {
+    pub fn new(runtime: Arc<Runtime>) -> Self {
+        Self { runtime }
+    }
+}
+
+impl<S> Layer<S> for IngressLayer {
+    type Service = Ingress<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Ingress { runtime: self.runtime.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Ingress<S> {
+    runtime: Arc<Runtime>,
+    inner: S,
+}
+
+// === impl Ingress ===
+
+impl<S: ProxyService> Service<Request<Incoming>> for Ingress<S> {
+    type Response = GatewayResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The inner stages are cloned per request and made ready in `oneshot`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let runtime = self.runtime.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut exchange = Exchange::default();
+            let result = match proxy_request(&runtime, request, &mut exchange).await {
+                Ok(request) => inner.oneshot(request).await,
+                Err(error) => Err(error),
+            };
+            let mut response = result.unwrap_or_else(|error| respond::error_response(&error));
+            response.extensions_mut().insert(exchange);
+            Ok(response)
+        })
+    }
+}
+
+/// Runs the ingress steps, recording the caller and model in `exchange` as soon as
+/// they are known so that even a refused request is logged with them.
+async fn proxy_request(
+    runtime: &Runtime,
+    request: Request<Incoming>,
+    exchange: &mut Exchange,
+) -> Result<ProxyRequest, GatewayError> {
+    let deadline = Instant::now() + runtime.config.server.request_timeout;
+    let (head, body) = request.into_parts();
+    let path = head.uri.path();
+    if path != "/v1" && !path.starts_with("/v1/") {
+        return Err(GatewayError::UnknownPath(path.to_owned()));
+    }
+    let caller = auth::authenticate(&head.headers, runtime.config.auth, &runtime.keys)?;
+    exchange.key = Some(caller.id.clone());
+
+    let limit = runtime.config.server.max_request_body;
+    if declared_length(&head.headers).is_some_and(|length| length > limit.0) {
+        return Err(GatewayError::RequestTooLarge { limit });
+    }
+    let (body, call) = if is_json(&head) {
+        let bytes = read_whole(body, limit).await?;
+        let call = CallSummary::parse(&bytes).map_err(GatewayError::InvalidJson)?;
+        (RequestBody::Buffered(bytes), call)
+    } else {
+        let streamed = Limited::new(body, limit.as_usize())
+            .map_err(move |error| match error.is::<LengthLimitError>() {
+                true => BoxError::from(GatewayError::RequestTooLarge { limit }),
+                false => error,
+            })
+            .boxed_unsync();
+        (RequestBody::Streaming(Some(streamed)), CallSummary::default())
+    };
+    exchange.model = call.model.clone();
+
+    if let Some(model) = &call.model
+        && !caller.may_use(model)
+    {
+        return Err(GatewayError::ModelNotAllowed { key: caller.id.clone(), model: model.clone() });
+    }
+    let upstreams = runtime.upstreams.candidates(call.model.as_deref());
+    if upstreams.is_empty() {
+        return Err(GatewayError::ModelNotFound(call.model.unwrap_or_default()));
+    }
+    let id = head.headers.get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_static("-"));
+    Ok(ProxyRequest { id, head, body, caller, call, upstreams, deadline })
+}
+
+/// Whether the body is JSON to read whole: a JSON content type, or none on an
+/// endpoint that only takes JSON. Multipart and binary bodies stream through.
+fn is_json(head: &http::request::Parts) -> bool {
+    match head.headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) {
+        Some(content_type) => {
+            let essence = content_type.split(';').next().unwrap_or_default().trim();
+            essence.eq_ignore_ascii_case("application/json")
+                || essence.to_ascii_lowercase().ends_with("+json")
+        }
+        None => head.method == http::Method::POST && JSON_ENDPOINTS.contains(&head.uri.path()),
+    }
+}
+
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Reads a body whole, refusing it as soon as it passes `limit` (the rest is never
+/// read into memory).
+async fn read_whole(body: Incoming, limit: crate::config::ByteSize) -> Result<bytes::Bytes, GatewayError> {
+    let max = limit.as_usize();
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(GatewayError::RequestTooLarge { limit }),
+        Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+    }
+}

@@ -1,0 +1,99 @@
+//! The request path, as a stack of named stages. This file is the only place their
+//! order is decided.
+//!
+//! ```text
+//! S0 observe   request id, server-timing, access-log line          observe.rs
+//! S1 ingress   read body (limit) → parse → authenticate → route    ingress.rs
+//!              ⇒ ProxyRequest; gateway errors → OpenAI JSON        respond.rs
+//! S2 admit     (per-key limits: requests, tokens, concurrency)      later
+//! S3 cache     (lookup / coalesce / store)                          later
+//! S4 retry     (attempts, backoff, failover)                        later
+//! S5 forward   header hygiene, credentials, send, per-attempt       forward.rs
+//!              timeout, relay the response as it arrives
+//! ```
+//!
+//! Stages above `ingress` see raw hyper requests and never fail (`Infallible`);
+//! stages below it take a typed [`ProxyRequest`] and fail with [`GatewayError`], which
+//! `ingress` turns into a response through `respond` (the single rescue point). Data
+//! passes down as fields of `ProxyRequest`; what stages learn on the way back (upstream,
+//! attempts, errors) rides in response extensions for `observe` to log.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::{ServiceBuilder, util::BoxCloneService};
+
+use crate::{
+    auth::Caller,
+    error::{BoxError, GatewayError},
+    openai::CallSummary,
+    runtime::Runtime,
+    upstream::{Upstream, UpstreamBody},
+};
+
+pub mod forward;
+pub mod ingress;
+pub mod observe;
+pub mod respond;
+
+/// Response bodies on the way back to the client: relayed, replayed or made here.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type GatewayResponse = Response<ResponseBody>;
+
+/// The whole stack as one cloneable service, ready for hyper.
+pub type Stack = BoxCloneService<http::Request<Incoming>, GatewayResponse, Infallible>;
+
+/// Builds the request path for one runtime (config and the state built from it).
+pub fn build(runtime: Arc<Runtime>) -> Stack {
+    let stack = ServiceBuilder::new()
+        .layer(observe::ObserveLayer::new())
+        .layer(ingress::IngressLayer::new(runtime.clone()))
+        .service(forward::Forward::new());
+    BoxCloneService::new(stack)
+}
+
+/// A request that has passed ingress: body read (or ready to stream), caller known,
+/// route chosen.
+pub struct ProxyRequest {
+    /// The `x-request-id` sent upstream and back to the client.
+    pub id: HeaderValue,
+    /// Method, URI, version, headers and extensions as the client sent them.
+    pub head: http::request::Parts,
+    pub body: RequestBody,
+    pub caller: Caller,
+    pub call: CallSummary,
+    /// The upstreams that may serve it, in preference order; never empty.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// `server.request_timeout` after the request arrived: retries and the streamed
+    /// response body included.
+    pub deadline: Instant,
+}
+
+/// The request body as it goes upstream.
+pub enum RequestBody {
+    /// A JSON body read whole: replayable, byte-identical on every attempt.
+    Buffered(Bytes),
+    /// Any other body (multipart, binary), streamed through; can be sent once.
+    Streaming(Option<UpstreamBody>),
+}
+
+/// A stage below ingress, in the form `tower` composes.
+pub trait ProxyService:
+    tower::Service<ProxyRequest, Response = GatewayResponse, Error = GatewayError, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ProxyService for S where
+    S: tower::Service<ProxyRequest, Response = GatewayResponse, Error = GatewayError, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}

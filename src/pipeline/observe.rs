@@ -1,0 +1,263 @@
+//! S0 observe: request ids, `server-timing`, and the one access-log line per request.
+//!
+//! It runs first and last. On the way in it keeps the client's `x-request-id` or makes
+//! one, so every later stage and the upstream see the same id. On the way back it
+//! reads what the stages recorded in the response extensions ([`Exchange`],
+//! [`UpstreamOutcome`], [`Failure`]), adds `x-request-id` and `server-timing`, and
+//! wraps the body so the log line is written when the body ends or the client goes
+//! away: streams are logged with their real duration.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, header::HeaderName};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use super::{GatewayResponse, ResponseBody, respond::Failure};
+use crate::{error::BoxError, secret::KeyId};
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+/// Client-sent ids longer than this are replaced, so logs stay bounded.
+const MAX_REQUEST_ID_LEN: usize = 200;
+
+/// Who asked for what, recorded by ingress.
+#[derive(Debug, Clone, Default)]
+pub struct Exchange {
+    pub key: Option<KeyId>,
+    pub model: Option<String>,
+}
+
+/// Which upstream answered, after how many attempts and how long a wait for the
+/// response head, recorded by the stage that talked to it.
+#[derive(Debug, Clone)]
+pub struct UpstreamOutcome {
+    pub upstream: String,
+    pub attempts: u32,
+    pub wait: Duration,
+}
+
+#[derive(Clone, Default)]
+pub struct ObserveLayer;
+
+impl ObserveLayer {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+// === impl Observe ===
+
+impl<S> Service<Request<Incoming>> for Observe<S>
+where
+    S: Service<Request<Incoming>, Response = GatewayResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = GatewayResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let started = Instant::now();
+        let id = request_id(&request);
+        request.headers_mut().insert(X_REQUEST_ID, id.clone());
+        let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
+        let line = AccessLine {
+            started,
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            ..AccessLine::default()
+        };
+        let response = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let Ok(mut response) = response.await;
+            let line = line.response(&mut response);
+            let headers = response.headers_mut();
+            headers.insert(X_REQUEST_ID, id);
+            let timing = server_timing(&line, headers.get_all(SERVER_TIMING));
+            headers.remove(SERVER_TIMING);
+            if let Ok(timing) = HeaderValue::try_from(timing) {
+                headers.insert(SERVER_TIMING, timing);
+            }
+            Ok(response.map(|body| Logged { body, line: Some(line), span }.boxed_unsync()))
+        })
+    }
+}
+
+/// The client's `x-request-id` when it sent a usable one, else a new one.
+fn request_id<B>(request: &Request<B>) -> HeaderValue {
+    request
+        .headers()
+        .get(X_REQUEST_ID)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN)
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"))
+        })
+}
+
+/// `spillway;dur=MS, upstream;dur=MS` followed by the upstream's own entries.
+fn server_timing(line: &AccessLine, upstream_entries: http::header::GetAll<'_, HeaderValue>) -> String {
+    let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
+    let mut timing = format!("spillway;dur={:.3}", millis(line.overhead));
+    if let Some(outcome) = &line.upstream {
+        timing.push_str(&format!(", upstream;dur={:.3}", millis(outcome.wait)));
+    }
+    for entry in upstream_entries.iter().filter_map(|value| value.to_str().ok()) {
+        timing.push_str(", ");
+        timing.push_str(entry);
+    }
+    timing
+}
+
+/// Everything the access-log line says, gathered as the request goes.
+#[derive(Debug, Default)]
+struct AccessLine {
+    started: Option<Instant>,
+    method: http::Method,
+    path: String,
+    status: u16,
+    exchange: Exchange,
+    upstream: Option<UpstreamOutcome>,
+    failure: Option<Failure>,
+    /// Time to the response head spent in the gateway itself (upstream wait excluded).
+    overhead: Duration,
+    body_bytes: u64,
+}
+
+impl AccessLine {
+    fn response(mut self, response: &mut GatewayResponse) -> Self {
+        let extensions = response.extensions_mut();
+        self.status = response.status().as_u16();
+        self.exchange = extensions.remove().unwrap_or_default();
+        self.upstream = extensions.remove();
+        self.failure = extensions.remove();
+        let to_head = self.started.map(|started| started.elapsed()).unwrap_or_default();
+        let waited = self.upstream.as_ref().map(|outcome| outcome.wait).unwrap_or_default();
+        self.overhead = to_head.saturating_sub(waited);
+        self
+    }
+
+    fn write(&self, outcome: &'static str) {
+        let duration = self.started.map(|started| started.elapsed()).unwrap_or_default();
+        let key = self.exchange.key.as_ref().map(KeyId::as_str).unwrap_or("-");
+        let model = self.exchange.model.as_deref().unwrap_or("-");
+        let upstream = self.upstream.as_ref().map(|outcome| outcome.upstream.as_str()).unwrap_or("-");
+        let attempts = self.upstream.as_ref().map(|outcome| outcome.attempts).unwrap_or(0);
+        let error = self.failure.as_ref().map(|failure| failure.code).unwrap_or("-");
+        let detail = self.failure.as_ref().map(|failure| failure.message.as_str()).unwrap_or("");
+        macro_rules! line {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    method = %self.method,
+                    path = %self.path,
+                    status = self.status,
+                    key,
+                    model,
+                    upstream,
+                    attempts,
+                    cache = "-",
+                    error,
+                    body_bytes = self.body_bytes,
+                    overhead_ms = self.overhead.as_secs_f64() * 1000.0,
+                    latency_ms = duration.as_secs_f64() * 1000.0,
+                    outcome,
+                    "{detail}"
+                )
+            };
+        }
+        match self.failure.as_ref().map(|failure| failure.level) {
+            Some(tracing::Level::ERROR) => line!(tracing::Level::ERROR),
+            Some(tracing::Level::WARN) => line!(tracing::Level::WARN),
+            _ if outcome != "completed" => line!(tracing::Level::WARN),
+            _ => line!(tracing::Level::INFO),
+        }
+    }
+}
+
+/// The response body, writing the access-log line when it ends, fails, or is dropped
+/// unfinished (the client went away).
+struct Logged {
+    body: ResponseBody,
+    line: Option<AccessLine>,
+    span: tracing::Span,
+}
+
+impl Logged {
+    fn finish(&mut self, outcome: &'static str) {
+        if let Some(line) = self.line.take() {
+            let _entered = self.span.enter();
+            line.write(outcome);
+        }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(line)) = (frame.data_ref(), this.line.as_mut()) {
+                    line.body_bytes += data.len() as u64;
+                }
+                if this.body.is_end_stream() {
+                    this.finish("completed");
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish("body_error"),
+            Poll::Ready(None) => this.finish("completed"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // hyper may never poll a body that says it is empty.
+        let outcome = if self.body.is_end_stream() { "completed" } else { "client_gone" };
+        self.finish(outcome);
+    }
+}

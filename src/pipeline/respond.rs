@@ -1,0 +1,75 @@
+//! The rescue point: a [`GatewayError`] becomes an OpenAI-shaped JSON response.
+//!
+//! Conversion is pure. The error's `Display` is the message (no key and no internal
+//! cause ever appears in it); status, `code` and `type` come from the one table in
+//! `error.rs`. The response carries a [`Failure`] extension so `observe` can log the
+//! error once, at its level.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::{BodyExt, Full};
+
+use super::{GatewayResponse, ResponseBody};
+use crate::error::GatewayError;
+
+/// What went wrong, for the access log.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: &'static str,
+    pub level: tracing::Level,
+    pub message: String,
+}
+
+/// The response the caller gets for `error`.
+pub fn error_response(error: &GatewayError) -> GatewayResponse {
+    let message = error.to_string();
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": error.kind(),
+            "param": null,
+            "code": error.code(),
+        }
+    });
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
+    *response.status_mut() = error.status();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let detail = match error {
+        GatewayError::Internal(source) => format!("{message}: {source}"),
+        _ => message,
+    };
+    response.extensions_mut().insert(Failure { code: error.code(), level: error.level(), message: detail });
+    response
+}
+
+/// A body that is all there in memory.
+pub fn full(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_are_openai_shaped() {
+        let response = error_response(&GatewayError::ModelNotFound("gpt-9".into()));
+        assert_eq!(response.status(), 404);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let bytes = response.into_body().collect().await.map(|body| body.to_bytes());
+        let json: serde_json::Value = serde_json::from_slice(&bytes.unwrap_or_default()).unwrap_or_default();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {
+                "message": "no upstream serves model `gpt-9`",
+                "type": "invalid_request_error",
+                "param": null,
+                "code": "model_not_found",
+            }})
+        );
+    }
+}

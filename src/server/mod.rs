@@ -1,0 +1,185 @@
+//! The listeners: the gateway's own (HTTP/1.1 and h2c, or TLS with ALPN) and the admin
+//! one, with graceful shutdown.
+//!
+//! [`serve`] takes a bound listener and a shutdown future (mini-redis's shape), so
+//! tests run the gateway in-process on `127.0.0.1:0`. When `shutdown` resolves it
+//! stops accepting, lets connections in flight finish within `server.shutdown_grace`,
+//! and returns.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{pipeline, runtime::Runtime};
+
+pub mod admin;
+mod tls;
+
+pub use admin::Health;
+
+/// How long a client may take to finish a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    runtime: Arc<Runtime>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), crate::error::StartupError> {
+    let tls = match &runtime.config.server.tls {
+        Some(files) => Some(TlsAcceptor::from(tls::server_config(files)?)),
+        None => None,
+    };
+    let grace = runtime.config.server.shutdown_grace;
+    let stack = pipeline::build(runtime);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(stack.clone());
+        match &tls {
+            None => {
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => return tracing::debug!(%error, %peer, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(error) = watcher.watch(connection.into_owned()).await {
+                        tracing::debug!(%error, %peer, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+
+    drop(listener);
+    tracing::info!(grace = ?grace, "draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing the rest"),
+    }
+    Ok(())
+}
+
+/// Runs the gateway for the `serve` command: binds both listeners, logs the startup
+/// line, serves until SIGTERM or SIGINT, then drains (a second signal exits at once).
+pub async fn run(config: crate::config::Config) -> Result<(), crate::error::StartupError> {
+    use crate::error::StartupError;
+
+    let runtime = Arc::new(Runtime::new(config)?);
+    let server = &runtime.config.server;
+    let bind = |addr| async move {
+        TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })
+    };
+    let listener = bind(server.listen).await?;
+    let admin = match server.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let health = Arc::new(Health::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if let Some(admin) = admin {
+        let mut stopped = stopped.clone();
+        tokio::spawn(admin::serve(admin, health.clone(), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+    }
+    log_startup(&runtime);
+
+    let health_on_signal = health.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; draining (send the signal again to exit at once)");
+        health_on_signal.start_draining();
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!("second shutdown signal; exiting now");
+            std::process::exit(0);
+        });
+    };
+    let served = serve(listener, runtime, shutdown).await;
+    let _ = stop.send(true);
+    served
+}
+
+fn log_startup(runtime: &Runtime) {
+    let config = &runtime.config;
+    let upstreams: Vec<String> = config
+        .upstreams
+        .iter()
+        .map(|upstream| format!("{}={}", upstream.name, upstream.base_url))
+        .collect();
+    tracing::info!(
+        listen = %config.server.listen,
+        admin = %config.server.admin_listen.map_or("off".into(), |addr| addr.to_string()),
+        tls = config.server.tls.is_some(),
+        upstreams = %upstreams.join(","),
+        auth = ?config.auth,
+        keys = runtime.keys.len(),
+        cache = "off",
+        limiter = "off",
+        version = env!("CARGO_PKG_VERSION"),
+        "spillway started"
+    );
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,137 @@
+//! Upstreams and routing: which provider endpoints serve which models, and how a
+//! request path under `/v1` becomes a URL on one of them.
+//!
+//! An [`UpstreamSet`] is built once per config. Choosing among candidates (weights,
+//! failover, cool-downs) belongs to the retry stage; this module only lists them.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderValue, Uri, uri::PathAndQuery};
+
+use crate::{
+    config::{ModelGlobs, UpstreamConfig},
+    error::StartupError,
+};
+
+pub mod client;
+pub mod headers;
+
+pub use client::{HttpClient, UpstreamBody};
+
+/// One configured provider endpoint and its connection pool.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// The base URL's path without a trailing slash, e.g. `/v1` or `/openai/deployments/x`.
+    base_path: String,
+    /// `Bearer <api_key>`, marked sensitive; `None` forwards the caller's key.
+    pub authorization: Option<HeaderValue>,
+    models: ModelGlobs,
+    pub weight: u32,
+    /// Per attempt, until the response head.
+    pub timeout: Duration,
+    pub client: HttpClient,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, StartupError> {
+        let parts = config.base_url.clone().into_parts();
+        let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+            return Err(StartupError::Other(format!(
+                "upstream `{}`: base_url must be absolute",
+                config.name
+            )));
+        };
+        let base_path = parts
+            .path_and_query
+            .map(|path| path.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        let authorization = match &config.api_key {
+            Some(key) => {
+                let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
+                    .map_err(|_| {
+                        StartupError::Other(format!(
+                            "upstream `{}`: api_key is not a valid header value",
+                            config.name
+                        ))
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Self {
+            name: config.name.clone(),
+            scheme,
+            authority,
+            base_path,
+            authorization,
+            models: config.models.clone(),
+            weight: config.weight.get(),
+            timeout: config.timeout,
+            client: client::build(config.connect_timeout, config.ca_file.as_deref())?,
+        })
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.matches(model)
+    }
+
+    /// The upstream URL for a client's `/v1/...` path and query: the part after `/v1`
+    /// goes under the base URL's path, the query is kept as sent.
+    pub fn url_for(&self, client_path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
+        let path = client_path_and_query.path();
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        let mut target = String::with_capacity(self.base_path.len() + client_path_and_query.as_str().len());
+        target.push_str(&self.base_path);
+        target.push_str(rest);
+        if target.is_empty() {
+            target.push('/');
+        }
+        if let Some(query) = client_path_and_query.query() {
+            target.push('?');
+            target.push_str(query);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(target)
+            .build()
+    }
+}
+
+/// Every configured upstream, in config order.
+#[derive(Debug)]
+pub struct UpstreamSet {
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+impl UpstreamSet {
+    pub fn new(configs: &[UpstreamConfig]) -> Result<Self, StartupError> {
+        let upstreams = configs
+            .iter()
+            .map(|config| Upstream::new(config).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        if upstreams.is_empty() {
+            return Err(StartupError::Other("no upstream configured".into()));
+        }
+        Ok(Self { upstreams })
+    }
+
+    /// The upstreams that may serve a request, in preference order: those whose
+    /// `models` globs match `model` in config order, or the first upstream for requests
+    /// without a model (GET /v1/models, file uploads). Empty when no upstream serves
+    /// the model.
+    pub fn candidates(&self, model: Option<&str>) -> Vec<Arc<Upstream>> {
+        match model {
+            Some(model) => self.upstreams.iter().filter(|up| up.serves(model)).cloned().collect(),
+            None => self.upstreams.first().cloned().into_iter().collect(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.iter()
+    }
+}
