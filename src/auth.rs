@@ -60,10 +60,7 @@ pub struct Caller {
 impl Caller {
     /// Whether this caller may use `model` (keys without `models` may use any).
     pub fn may_use(&self, model: &str) -> bool {
-        self.entry
-            .as_ref()
-            .and_then(|entry| entry.models.as_ref())
-            .is_none_or(|globs| globs.matches(model))
+        self.entry.as_ref().and_then(|entry| entry.models.as_ref()).is_none_or(|globs| globs.matches(model))
     }
 }
 
@@ -76,8 +73,12 @@ pub fn authenticate(headers: &HeaderMap, mode: AuthMode, keys: &KeyTable) -> Res
     let hash = KeyHash::of(presented);
     let forwards_own_key = mode == AuthMode::Passthrough;
     match (keys.find(&hash), mode) {
-        (Some(entry), _) => Ok(Caller { id: entry.id.clone(), hash, entry: Some(entry.clone()), forwards_own_key }),
-        (None, AuthMode::Passthrough) => Ok(Caller { id: KeyId::from(&hash), hash, entry: None, forwards_own_key }),
+        (Some(entry), _) => {
+            Ok(Caller { id: entry.id.clone(), hash, entry: Some(entry.clone()), forwards_own_key })
+        }
+        (None, AuthMode::Passthrough) => {
+            Ok(Caller { id: KeyId::from(&hash), hash, entry: None, forwards_own_key })
+        }
         (None, AuthMode::Keys) => Err(GatewayError::UnknownApiKey),
     }
 }
@@ -127,7 +128,8 @@ mod tests {
 
     #[test]
     fn passthrough_identifies_by_hash_prefix() {
-        let caller = authenticate(&with("authorization", "bearer test"), AuthMode::Passthrough, &KeyTable::default());
+        let caller =
+            authenticate(&with("authorization", "bearer test"), AuthMode::Passthrough, &KeyTable::default());
         assert_eq!(caller.map(|c| c.id.to_string()).ok().as_deref(), Some("9f86d081"));
         let azure = authenticate(&with("api-key", "test"), AuthMode::Passthrough, &KeyTable::default());
         assert!(azure.is_ok());
@@ -135,7 +137,9 @@ mod tests {
 
     #[test]
     fn missing_or_empty_keys_are_refused() {
-        for headers in [HeaderMap::new(), with("authorization", "Bearer "), with("authorization", "Basic abc")] {
+        for headers in
+            [HeaderMap::new(), with("authorization", "Bearer "), with("authorization", "Basic abc")]
+        {
             let result = authenticate(&headers, AuthMode::Passthrough, &KeyTable::default());
             assert!(matches!(result, Err(GatewayError::MissingApiKey)), "{headers:?}");
         }

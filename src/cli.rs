@@ -19,7 +19,11 @@ use crate::{
 const DEFAULT_CONFIG_FILE: &str = "spillway.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "spillway", version, about = "An OpenAI-compatible LLM gateway: per-key rate limits, caching and retries.")]
+#[command(
+    name = "spillway",
+    version,
+    about = "An OpenAI-compatible LLM gateway: per-key rate limits, caching and retries."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -72,7 +76,10 @@ impl Cli {
     fn check(&self) -> Exit {
         match self.load() {
             Ok((config, _)) => {
-                let source = config.source.as_deref().map_or("built-in defaults".into(), |path| path.display().to_string());
+                let source = config
+                    .source
+                    .as_deref()
+                    .map_or("built-in defaults".into(), |path| path.display().to_string());
                 println!("{source}: ok ({} upstreams, {} keys)", config.upstreams.len(), config.keys.len());
                 Exit::Clean
             }
@@ -117,7 +124,9 @@ impl Cli {
         let overrides = self.overrides()?;
         let config = match &self.config {
             Some(path) => config::load(path, &overrides)?,
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => config::load(Path::new(DEFAULT_CONFIG_FILE), &overrides)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                config::load(Path::new(DEFAULT_CONFIG_FILE), &overrides)?
+            }
             None => config::defaults(&overrides),
         };
         Ok((config, overrides))
@@ -128,7 +137,8 @@ impl Cli {
         let mut address = |flag: &str, value: &str| match value.parse::<SocketAddr>() {
             Ok(address) => Some(address),
             Err(_) => {
-                problems.push(config::Diagnostic::whole_file(flag, format!("not a socket address: {value:?}")));
+                problems
+                    .push(config::Diagnostic::whole_file(flag, format!("not a socket address: {value:?}")));
                 None
             }
         };

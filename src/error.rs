@@ -34,10 +34,7 @@ pub enum GatewayError {
     #[error("upstream `{upstream}` unreachable: {reason}")]
     UpstreamUnreachable { upstream: String, reason: String },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
-    UpstreamTimeout {
-        upstream: String,
-        after: std::time::Duration,
-    },
+    UpstreamTimeout { upstream: String, after: std::time::Duration },
     #[error("request deadline (server.request_timeout) reached")]
     DeadlineReached,
     #[error("internal error")]
@@ -84,9 +81,9 @@ impl GatewayError {
             | Self::RequestTooLarge { .. } => "invalid_request_error",
             Self::MissingApiKey | Self::UnknownApiKey => "authentication_error",
             Self::ModelNotAllowed { .. } => "permission_error",
-            Self::UpstreamUnreachable { .. }
-            | Self::UpstreamTimeout { .. }
-            | Self::DeadlineReached => "upstream_error",
+            Self::UpstreamUnreachable { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
+                "upstream_error"
+            }
             Self::Internal(_) => "server_error",
         }
     }
@@ -95,9 +92,9 @@ impl GatewayError {
     pub fn level(&self) -> tracing::Level {
         match self {
             Self::Internal(_) => tracing::Level::ERROR,
-            Self::UpstreamUnreachable { .. }
-            | Self::UpstreamTimeout { .. }
-            | Self::DeadlineReached => tracing::Level::WARN,
+            Self::UpstreamUnreachable { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
+                tracing::Level::WARN
+            }
             _ => tracing::Level::INFO,
         }
     }

@@ -14,12 +14,16 @@ pub enum LogFormat {
 /// filter (`spillway=debug,hyper=warn`); without one, `RUST_LOG` applies, then `info`.
 pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
     let filter = match level {
-        Some(level) => EnvFilter::try_new(level).map_err(|error| format!("invalid log level {level:?}: {error}"))?,
+        Some(level) => {
+            EnvFilter::try_new(level).map_err(|error| format!("invalid log level {level:?}: {error}"))?
+        }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stdout);
     let installed = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        }
         LogFormat::Pretty => builder.try_init(),
     };
     installed.map_err(|error| error.to_string())

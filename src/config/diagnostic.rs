@@ -29,13 +29,7 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A problem at `line:col` of `file`.
     pub fn new(file: &str, (line, col): (usize, usize), message: impl Into<String>) -> Self {
-        Self {
-            file: file.to_owned(),
-            line,
-            col,
-            message: message.into(),
-            hint: None,
-        }
+        Self { file: file.to_owned(), line, col, message: message.into(), hint: None }
     }
 
     /// A problem with the file as a whole.
@@ -127,8 +121,12 @@ impl Locator<'_> {
     /// An empty span at 0 marks a built-in default, which has no position; it is
     /// reported at the top of the file.
     pub fn error(&self, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
-        let offset = self.map.to_original(span.start);
-        Diagnostic::new(self.file, line_col(self.original, offset), message)
+        Diagnostic::new(self.file, self.position(span), message)
+    }
+
+    /// 1-based line and column of the start of `span` in the original file.
+    pub fn position(&self, span: Range<usize>) -> (usize, usize) {
+        line_col(self.original, self.map.to_original(span.start))
     }
 }
 
@@ -144,16 +142,18 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-/// `did you mean `…`?` for the candidate closest to `given`, if one is close.
-pub(crate) fn did_you_mean<'a>(
-    given: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<String> {
+/// `did you mean `…`?` for the candidate closest to `given`, if one is close: at
+/// most a third of its letters edited (a swap counts once), or sharing most of a
+/// long prefix (`admin` → `admin_listen`).
+pub(crate) fn did_you_mean<'a>(given: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     candidates
         .into_iter()
-        .map(|candidate| (strsim::jaro_winkler(given, candidate), candidate))
-        .filter(|(score, _)| *score > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|candidate| (strsim::damerau_levenshtein(given, candidate), candidate))
+        .filter(|&(distance, candidate)| {
+            distance <= (candidate.chars().count() / 3).max(1)
+                || strsim::jaro_winkler(given, candidate) > 0.85
+        })
+        .min_by_key(|&(distance, _)| distance)
         .map(|(_, candidate)| format!("did you mean `{candidate}`?"))
 }
 
@@ -179,10 +179,7 @@ mod tests {
             Diagnostic::new("a.toml", (9, 1), "second"),
             Diagnostic::new("a.toml", (2, 5), "first"),
         ]);
-        assert_eq!(
-            list.to_string(),
-            "a.toml:2:5: error: first\na.toml:9:1: error: second"
-        );
+        assert_eq!(list.to_string(), "a.toml:2:5: error: first\na.toml:9:1: error: second");
     }
 
     #[test]
@@ -198,10 +195,10 @@ mod tests {
     #[test]
     fn did_you_mean_picks_the_closest_name() {
         let fields = ["listen", "admin_listen", "max_request_body"];
-        assert_eq!(
-            did_you_mean("listne", fields).as_deref(),
-            Some("did you mean `listen`?")
-        );
+        assert_eq!(did_you_mean("listne", fields).as_deref(), Some("did you mean `listen`?"));
+        assert_eq!(did_you_mean("admin", fields).as_deref(), Some("did you mean `admin_listen`?"));
+        assert_eq!(did_you_mean("kye", ["cert", "key"]).as_deref(), Some("did you mean `key`?"));
         assert_eq!(did_you_mean("zzz", fields), None);
+        assert_eq!(did_you_mean("bogus", ["server", "auth", "limits", "keys", "cache"]), None);
     }
 }

@@ -62,13 +62,14 @@ enum Context {
 
 /// Replaces every `${…}` outside comments with its value from `env`.
 ///
-/// Returns every missing variable and malformed reference at once, positioned in
-/// `text` (the original file named `file`).
+/// Also returns every missing variable and malformed reference, positioned in `text`
+/// (the original file named `file`). Those are replaced by nothing, so the rest of
+/// the file can still be checked and every problem reported in one run.
 pub(crate) fn interpolate(
     file: &str,
     text: &str,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Interpolated, Vec<Diagnostic>> {
+) -> (Interpolated, Vec<Diagnostic>) {
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut map = OffsetMap::default();
@@ -90,13 +91,17 @@ pub(crate) fn interpolate(
                     out.push_str(&value);
                     map.pieces.push(Piece { out: out.len(), src: i + len, verbatim: true });
                 }
-                Err((message, hint)) => errors.push(
-                    Diagnostic::new(file, line_col(text, i), message).with_hint(hint),
-                ),
+                Err((message, hint)) => {
+                    out.push_str(&text[copied..i]);
+                    map.pieces.push(Piece { out: out.len(), src: i + len, verbatim: true });
+                    errors.push(Diagnostic::new(file, line_col(text, i), message).with_hint(hint))
+                }
             }
             (i, copied) = (i + len, i + len);
             continue;
         }
+        // Offset of the `n`th character of `rest`: steps stay on character boundaries.
+        let chars = |n| rest.char_indices().nth(n).map_or(rest.len(), |(at, _)| at);
         let run = |quote| 1 + rest[1..].bytes().take_while(|&b| b == quote).count().min(4);
         (context, i) = match (context, bytes[i]) {
             (Context::Code, b'#') => (context, rest.find('\n').map_or(bytes.len(), |n| i + n)),
@@ -104,20 +109,15 @@ pub(crate) fn interpolate(
             (Context::Code, b'"') => (Context::Basic, i + 1),
             (Context::Code, b'\'') if rest.starts_with("'''") => (Context::MultiLiteral, i + 3),
             (Context::Code, b'\'') => (Context::Literal, i + 1),
-            (Context::Basic | Context::MultiBasic, b'\\') => (context, i + 2),
-            (Context::Basic, b'"' | b'\n') | (Context::Literal, b'\'' | b'\n') => {
-                (Context::Code, i + 1)
-            }
+            (Context::Basic | Context::MultiBasic, b'\\') => (context, i + chars(2)),
+            (Context::Basic, b'"' | b'\n') | (Context::Literal, b'\'' | b'\n') => (Context::Code, i + 1),
             (Context::MultiBasic, b'"') if rest.starts_with(r#"""""#) => (Context::Code, i + run(b'"')),
             (Context::MultiLiteral, b'\'') if rest.starts_with("'''") => (Context::Code, i + run(b'\'')),
-            _ => (context, i + 1),
+            _ => (context, i + chars(1)),
         };
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
     out.push_str(&text[copied.min(text.len())..]);
-    Ok(Interpolated { text: out, map })
+    (Interpolated { text: out, map }, errors)
 }
 
 /// A message and a hint.
@@ -204,19 +204,18 @@ mod tests {
     }
 
     fn run(text: &str) -> Result<String, Vec<String>> {
-        interpolate("t.toml", text, env)
-            .map(|done| done.text)
-            .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+        match interpolate("t.toml", text, env) {
+            (done, errors) if errors.is_empty() => Ok(done.text),
+            (_, errors) => Err(errors.iter().map(ToString::to_string).collect()),
+        }
     }
 
     #[test]
     fn substitutes_values_and_defaults() {
-        assert_eq!(
-            run(r#"a = "${HOST}:8080" # x"#).as_deref(),
-            Ok(r#"a = "10.0.0.1:8080" # x"#)
-        );
+        assert_eq!(run(r#"a = "${HOST}:8080" # x"#).as_deref(), Ok(r#"a = "10.0.0.1:8080" # x"#));
         assert_eq!(run("a = '${NOPE:-x y}'").as_deref(), Ok("a = 'x y'"));
         assert_eq!(run("w = ${NOPE:-3}").as_deref(), Ok("w = 3"));
+        assert_eq!(run("a = \"é\\é${HOST}ü\" # ${NOPE}").as_deref(), Ok("a = \"é\\é10.0.0.1ü\" # ${NOPE}"));
         assert_eq!(run(r#"a = "${EMPTY:-d}""#).as_deref(), Ok(r#"a = "d""#));
         assert_eq!(run(r#"a = "${EMPTY}""#).as_deref(), Ok(r#"a = """#));
         assert_eq!(run(r#"a = "${NOPE:-}""#).as_deref(), Ok(r#"a = """#));
@@ -229,7 +228,7 @@ mod tests {
             errors,
             [
                 "t.toml:2:6: error: ${ONE} is not set\n  = help: set it or use ${ONE:-…}",
-                "t.toml:3:16: error: ${THREE} is not set\n  = help: set it or use ${THREE:-…}",
+                "t.toml:3:17: error: ${THREE} is not set\n  = help: set it or use ${THREE:-…}",
             ]
         );
     }
@@ -251,7 +250,7 @@ mod tests {
     #[test]
     fn comments_are_skipped_but_hashes_in_strings_are_not_comments() {
         let text = "# ${NOPE}\na = \"#${HOST}\" # ${NOPE}\nb = 'x#' # ${NOPE}\n\
-                    c = \"\"\"\n# ${HOST} \"\" \\\"\"\" # ${NOPE}\n\
+                    c = \"\"\"\n# ${HOST} \"\" \\\" \"\"\" # ${NOPE}\n\
                     d = '''it's # ${HOST}''''' # ${NOPE}\n\"k#${HOST}\" = 1";
         let done = run(text).unwrap();
         assert!(!done.contains("${HOST}"), "{done}");
@@ -277,7 +276,7 @@ mod tests {
     #[test]
     fn offsets_map_back_to_the_original() {
         let text = "a = \"${HOST}\"\nb = ${NOPE:-12345678} # é\nc = 1";
-        let done = interpolate("t.toml", text, env).unwrap();
+        let (done, _) = interpolate("t.toml", text, env);
         let find = |needle: &str| done.text.find(needle).unwrap();
         // Before any substitution: identity.
         assert_eq!(done.map.to_original(0), 0);

@@ -6,7 +6,12 @@
 //! hashes, secrets), so the request path never re-checks a setting. This module does
 //! not decide how settings are used; each stage reads the part it owns.
 
-use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use globset::GlobSet;
 use http::Uri;
@@ -21,6 +26,9 @@ mod validate;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use units::ByteSize;
+pub use validate::parse_base_url;
+
+use self::{diagnostic::Locator, interpolate::OffsetMap};
 
 /// A complete, validated configuration.
 #[derive(Debug, Clone)]
@@ -162,20 +170,75 @@ pub struct Overrides {
     pub upstream: Option<Uri>,
 }
 
-/// Where the configuration comes from when no `--config` is given.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigSource {
-    File(PathBuf),
-    BuiltinDefaults,
+/// Loads, interpolates, parses and validates the file at `path`, then applies
+/// `overrides`. Returns every problem found, not just the first, positioned in the
+/// file as written (before `${VAR}` substitution).
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, Diagnostics> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        let message = format!("cannot read config file: {}", error.to_string().to_lowercase());
+        Diagnostics::from(Diagnostic::whole_file(&file, message))
+    })?;
+    let mut config = load_str(&text, &file, |name| std::env::var(name).ok(), overrides)?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
 }
 
-/// Loads, interpolates, parses and validates the file at `path`, then applies
-/// `overrides`. Returns every problem found, not just the first.
-pub fn load(path: &std::path::Path, overrides: &Overrides) -> Result<Config, Diagnostics> {
-    todo!()
+/// [`load`] for a config already in memory: `file` names it in diagnostics (and its
+/// directory is where relative paths are resolved from), `env` answers `${VAR}`.
+pub fn load_str(
+    text: &str,
+    file: &str,
+    env: impl Fn(&str) -> Option<String>,
+    overrides: &Overrides,
+) -> Result<Config, Diagnostics> {
+    let (interpolated, unresolved) = interpolate::interpolate(file, text, env);
+    let locator = Locator { file, original: text, map: &interpolated.map };
+    // An unresolved `${…}` was replaced by nothing; what that alone causes on its line
+    // (an empty value, a syntax error) is not reported on top of it.
+    let with_unresolved = |mut problems: Vec<Diagnostic>| {
+        problems.retain(|problem| !unresolved.iter().any(|var| var.line == problem.line));
+        problems.extend(unresolved.iter().cloned());
+        Diagnostics::sorted(problems)
+    };
+    let (raw, problems) = raw::parse(&interpolated.text, &locator).map_err(with_unresolved)?;
+    let base_dir = Path::new(file).parent().unwrap_or(Path::new(""));
+    match validate::validate(raw, &locator, base_dir) {
+        Ok(config) if problems.is_empty() && unresolved.is_empty() => Ok(config.with_overrides(overrides)),
+        Ok(_) => Err(with_unresolved(problems)),
+        Err(errors) => Err(with_unresolved(problems.into_iter().chain(errors).collect())),
+    }
 }
 
 /// The built-in defaults (passthrough to OpenAI on 127.0.0.1:8080), with `overrides`.
 pub fn defaults(overrides: &Overrides) -> Config {
-    todo!()
+    let locator = Locator { file: "<defaults>", original: "", map: &OffsetMap::default() };
+    match validate::validate(raw::RawConfig::default(), &locator, Path::new("")) {
+        Ok(config) => config.with_overrides(overrides),
+        // Covered by a test; no config value can reach this.
+        Err(errors) => unreachable!("the built-in defaults are invalid: {errors:?}"),
+    }
 }
+
+impl Config {
+    /// Applies flag and environment overrides over the file.
+    fn with_overrides(mut self, overrides: &Overrides) -> Self {
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        if let Some(admin_listen) = overrides.admin_listen {
+            self.server.admin_listen = admin_listen;
+        }
+        if let Some(base_url) = &overrides.upstream
+            && let Some(mut upstream) = defaults(&Overrides::default()).upstreams.into_iter().next()
+        {
+            upstream.name = "default".to_owned();
+            upstream.base_url = base_url.clone();
+            self.upstreams = vec![upstream];
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Version, header, header::HeaderName};
+use http::{Request, Response, StatusCode, Version, header, header::HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, upgrade::OnUpgrade};
@@ -69,7 +69,10 @@ impl Service<ProxyRequest> for Forward {
                 Ok(Err(error)) => return Err(transport_error(&upstream, error)),
                 Err(_) if attempt_deadline == request.deadline => return Err(GatewayError::DeadlineReached),
                 Err(_) => {
-                    return Err(GatewayError::UpstreamTimeout { upstream: upstream.name.clone(), after: upstream.timeout });
+                    return Err(GatewayError::UpstreamTimeout {
+                        upstream: upstream.name.clone(),
+                        after: upstream.timeout,
+                    });
                 }
             };
             if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -84,9 +87,13 @@ impl Service<ProxyRequest> for Forward {
 }
 
 /// The request as the upstream gets it. Takes a streamed body out of `request`.
-fn upstream_request(upstream: &Upstream, request: &mut ProxyRequest) -> Result<Request<UpstreamBody>, GatewayError> {
+fn upstream_request(
+    upstream: &Upstream,
+    request: &mut ProxyRequest,
+) -> Result<Request<UpstreamBody>, GatewayError> {
     let head = &request.head;
-    let path = head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path =
+        head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let uri = upstream.url_for(&path).map_err(|error| GatewayError::Internal(error.into()))?;
 
     let mut headers = head.headers.clone();
@@ -102,7 +109,9 @@ fn upstream_request(upstream: &Upstream, request: &mut ProxyRequest) -> Result<R
     }
 
     let body = match &mut request.body {
-        RequestBody::Buffered(bytes) => Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync(),
+        RequestBody::Buffered(bytes) => {
+            Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync()
+        }
         RequestBody::Streaming(body) => body
             .take()
             .ok_or_else(|| GatewayError::Internal("a streamed request body cannot be sent twice".into()))?,
@@ -178,7 +187,10 @@ impl Body for UntilDeadline {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.body.poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from))),

@@ -23,7 +23,12 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, observe::Exchange, respond};
-use crate::{auth, error::{BoxError, GatewayError}, openai::CallSummary, runtime::Runtime};
+use crate::{
+    auth,
+    error::{BoxError, GatewayError},
+    openai::CallSummary,
+    runtime::Runtime,
+};
 
 /// Endpoints whose body is JSON even when the client sends no `content-type`.
 const JSON_ENDPOINTS: [&str; 6] = [

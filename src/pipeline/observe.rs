@@ -91,7 +91,7 @@ where
         request.headers_mut().insert(X_REQUEST_ID, id.clone());
         let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
         let line = AccessLine {
-            started,
+            started: Some(started),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             ..AccessLine::default()
@@ -156,8 +156,8 @@ struct AccessLine {
 
 impl AccessLine {
     fn response(mut self, response: &mut GatewayResponse) -> Self {
-        let extensions = response.extensions_mut();
         self.status = response.status().as_u16();
+        let extensions = response.extensions_mut();
         self.exchange = extensions.remove().unwrap_or_default();
         self.upstream = extensions.remove();
         self.failure = extensions.remove();
@@ -226,7 +226,10 @@ impl Body for Logged {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         match &polled {

@@ -33,9 +33,7 @@ pub fn error_response(error: &GatewayError) -> GatewayResponse {
     });
     let mut response = Response::new(full(Bytes::from(body.to_string())));
     *response.status_mut() = error.status();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let detail = match error {
         GatewayError::Internal(source) => format!("{message}: {source}"),
         _ => message,

@@ -114,6 +114,7 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
+    let admin_addr = admin.as_ref().and_then(|admin| admin.local_addr().ok());
     let health = Arc::new(Health::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
@@ -122,7 +123,7 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     }
-    log_startup(&runtime);
+    log_startup(&runtime, &listener, admin_addr);
 
     let health_on_signal = health.clone();
     let shutdown = async move {
@@ -140,16 +141,17 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
     served
 }
 
-fn log_startup(runtime: &Runtime) {
+/// The one startup line: where it listens (as bound, so port 0 shows the real port),
+/// what it forwards to, and which backends it runs.
+fn log_startup(runtime: &Runtime, listener: &TcpListener, admin: Option<std::net::SocketAddr>) {
     let config = &runtime.config;
-    let upstreams: Vec<String> = config
-        .upstreams
-        .iter()
-        .map(|upstream| format!("{}={}", upstream.name, upstream.base_url))
-        .collect();
+    let listen =
+        listener.local_addr().map_or_else(|_| config.server.listen.to_string(), |addr| addr.to_string());
+    let upstreams: Vec<String> =
+        config.upstreams.iter().map(|upstream| format!("{}={}", upstream.name, upstream.base_url)).collect();
     tracing::info!(
-        listen = %config.server.listen,
-        admin = %config.server.admin_listen.map_or("off".into(), |addr| addr.to_string()),
+        listen = %listen,
+        admin = %admin.map_or("off".into(), |addr| addr.to_string()),
         tls = config.server.tls.is_some(),
         upstreams = %upstreams.join(","),
         auth = ?config.auth,

@@ -73,9 +73,7 @@ fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, StartupError> {
             return Err(StartupError::Tls(format!("{}: no certificates found", path.display())));
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|error| StartupError::Tls(format!("{}: {error}", path.display())))?;
+            roots.add(cert).map_err(|error| StartupError::Tls(format!("{}: {error}", path.display())))?;
         }
     }
     Ok(roots)

@@ -44,19 +44,16 @@ impl Upstream {
                 config.name
             )));
         };
-        let base_path = parts
-            .path_and_query
-            .map(|path| path.path().trim_end_matches('/').to_owned())
-            .unwrap_or_default();
+        let base_path =
+            parts.path_and_query.map(|path| path.path().trim_end_matches('/').to_owned()).unwrap_or_default();
         let authorization = match &config.api_key {
             Some(key) => {
-                let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose()))
-                    .map_err(|_| {
-                        StartupError::Other(format!(
-                            "upstream `{}`: api_key is not a valid header value",
-                            config.name
-                        ))
-                    })?;
+                let mut value = HeaderValue::try_from(format!("Bearer {}", key.expose())).map_err(|_| {
+                    StartupError::Other(format!(
+                        "upstream `{}`: api_key is not a valid header value",
+                        config.name
+                    ))
+                })?;
                 value.set_sensitive(true);
                 Some(value)
             }

@@ -1,3 +1,5 @@
 //! Shared support for the integration tests.
 
+pub mod certs;
+pub mod gateway;
 pub mod upstream;

@@ -21,11 +21,14 @@
 //! response carries `x-request-id: upstream-<n>`, `n` counting requests from 1.
 //! Dropping the handle stops the server and every connection.
 
+// Not every test uses every helper.
+#![allow(dead_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,14 +49,12 @@ use tokio_rustls::TlsAcceptor;
 pub const PROMPT_TOKENS: u64 = 9;
 /// `usage.completion_tokens` of the built-in answers (`"hello"`, streamed as `"hel"`, `"lo"`).
 pub const COMPLETION_TOKENS: u64 = 2;
-/// How long the `wait_for_*` helpers wait before failing the test.
+/// How long the `wait_for_*` helpers wait before failing the test. It is tokio time: under
+/// a paused clock it runs out as soon as nothing else is due first.
 pub const WAIT: Duration = Duration::from_secs(10);
 const CREATED: u64 = 1_700_000_000;
 
 type Body = BoxBody<Bytes, io::Error>;
-type Chunk = Result<Frame<Bytes>, io::Error>;
-/// The CA's PEM, and a temporary file holding it.
-type CaFile = (String, tempfile::NamedTempFile);
 
 /// One request as the mock received it, recorded once its whole body was read.
 #[derive(Clone, Debug)]
@@ -75,10 +76,6 @@ impl Recorded {
     /// The body parsed as JSON.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).expect("upstream request body is not JSON")
-    }
-
-    fn json_or_null(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 }
 
@@ -184,8 +181,7 @@ impl Reply {
     /// A `text/event-stream` of exactly these chunks, one body frame each, unframed.
     pub fn sse_raw<C: Into<Bytes>>(chunks: impl IntoIterator<Item = C>) -> Self {
         let chunks = chunks.into_iter().map(Into::into).collect();
-        Self::new(200, Kind::Body(Content::Stream(chunks)))
-            .header("content-type", "text/event-stream")
+        Self::new(200, Kind::Body(Content::Stream(chunks))).header("content-type", "text/event-stream")
     }
 
     /// Answers with the request it received, as JSON: `method`, `uri`, `version`,
@@ -194,7 +190,8 @@ impl Reply {
         Self::new(200, Kind::Echo).header("content-type", "application/json")
     }
 
-    /// Closes the connection with a TCP RST (`SO_LINGER` 0) instead of answering.
+    /// Instead of answering, closes the connection with a TCP RST (`SO_LINGER` 0), ending
+    /// every HTTP/2 stream on it too.
     pub fn reset() -> Self {
         Self::new(200, Kind::Reset)
     }
@@ -210,8 +207,7 @@ impl Reply {
     /// Sets `retry-after` (whole seconds, rounded up) and `retry-after-ms`.
     pub fn retry_after(self, wait: Duration) -> Self {
         let secs = wait.as_millis().div_ceil(1000).to_string();
-        self.header("retry-after", &secs)
-            .header("retry-after-ms", &wait.as_millis().to_string())
+        self.header("retry-after", &secs).header("retry-after-ms", &wait.as_millis().to_string())
     }
 
     /// Waits this long before answering (or resetting).
@@ -226,14 +222,16 @@ impl Reply {
         self
     }
 
-    /// For streams: sends `sent` chunks, then waits for `gate` before the rest.
+    /// For streams: sends `sent` chunks, then waits for `gate` before the rest (or, when
+    /// `sent` is the number of chunks, before ending the body).
     pub fn gate_after(mut self, sent: usize, gate: &Gate) -> Self {
         self.gate = Some((sent, gate.clone()));
         self
     }
 
-    /// For streams: sends `sent` chunks, then aborts the body (HTTP/1.1: the connection
-    /// closes without the last chunk; HTTP/2: the stream is reset).
+    /// For streams: sends `sent` chunks, then aborts the body instead of sending the rest or
+    /// ending it (HTTP/1.1: the connection closes without the last chunk; HTTP/2: the stream
+    /// is reset).
     pub fn reset_after(mut self, sent: usize) -> Self {
         self.reset_after = Some(sent);
         self
@@ -285,13 +283,13 @@ impl MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock upstream");
         let addr = listener.local_addr().expect("mock upstream address");
         let (acceptor, ca) = match self.tls {
-            true => tls_setup().unwrap_or_else(|e| panic!("mock upstream TLS setup: {e}")),
+            true => {
+                let certs = super::certs::TestCerts::generate();
+                (Some(TlsAcceptor::from(certs.server_config())), Some(certs))
+            }
             false => (None, None),
         };
-        let shared = Arc::new(Shared {
-            script: Mutex::new((self.queue, self.routes)),
-            ..Shared::default()
-        });
+        let shared = Arc::new(Shared { script: Mutex::new((self.queue, self.routes)), ..Shared::default() });
         let server = tokio::spawn(serve(listener, acceptor, shared.clone()));
         MockHandle { addr, ca, shared, server, expect_calls: self.expect_calls }
     }
@@ -300,7 +298,7 @@ impl MockUpstream {
 /// A running mock upstream. Dropping it stops the server.
 pub struct MockHandle {
     addr: SocketAddr,
-    ca: Option<CaFile>,
+    ca: Option<super::certs::TestCerts>,
     shared: Arc<Shared>,
     server: JoinHandle<()>,
     expect_calls: Option<usize>,
@@ -357,12 +355,12 @@ impl MockHandle {
 
     /// The CA that signed the TLS certificate, PEM-encoded.
     pub fn ca_pem(&self) -> &str {
-        &self.ca.as_ref().expect("ca_pem() needs MockUpstream::tls()").0
+        &self.ca.as_ref().expect("ca_pem() needs MockUpstream::tls()").ca_pem
     }
 
     /// A temporary file holding [`MockHandle::ca_pem`], removed with the handle.
-    pub fn ca_file(&self) -> &Path {
-        self.ca.as_ref().expect("ca_file() needs MockUpstream::tls()").1.path()
+    pub fn ca_file(&self) -> PathBuf {
+        self.ca.as_ref().expect("ca_file() needs MockUpstream::tls()").ca_file()
     }
 
     /// Waits until `n` requests were received; panics after [`WAIT`].
@@ -441,7 +439,7 @@ impl Shared {
     }
 
     fn bump(&self, counter: &AtomicUsize, up: bool) {
-        if up { counter.fetch_add(1, SeqCst) } else { counter.fetch_sub(1, SeqCst) };
+        let _ = if up { counter.fetch_add(1, SeqCst) } else { counter.fetch_sub(1, SeqCst) };
         self.changed.notify_waiters();
     }
 }
@@ -457,34 +455,53 @@ async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shar
     }
 }
 
-async fn connection(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
-    let _ = tcp.set_nodelay(true);
-    // A second descriptor of the same socket lets a reply set SO_LINGER 0 on it, so
-    // that the close hyper does next sends a TCP RST.
-    let Ok((tcp, twin)) = twin(tcp) else { return };
-    let twin = Arc::new(twin);
-    let service = hyper::service::service_fn(move |request| {
-        handle(shared.clone(), twin.clone(), request)
-    });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let _ = match tls {
-        None => builder.serve_connection(TokioIo::new(tcp), service).await,
-        Some(acceptor) => match acceptor.accept(tcp).await {
-            Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
-            Err(e) => Err(e.into()),
-        },
-    };
+/// What a reply needs to reset its connection: a second descriptor of the socket (to set
+/// `SO_LINGER` 0, so that closing it sends a TCP RST) and a signal to close it now.
+struct Conn {
+    socket: TcpSocket,
+    reset: watch::Sender<bool>,
 }
 
-fn twin(tcp: TcpStream) -> io::Result<(TcpStream, TcpSocket)> {
-    let std = tcp.into_std()?;
-    let twin = TcpSocket::from_std_stream(std.try_clone()?);
-    Ok((TcpStream::from_std(std)?, twin))
+impl Conn {
+    /// Resets the connection, then fails the request. HTTP/2 runs requests in tasks of their
+    /// own: failing before the connection is gone would send an RST_STREAM first.
+    async fn reset(&self) -> io::Error {
+        if let Err(e) = self.socket.set_zero_linger() {
+            return e;
+        }
+        self.reset.send_replace(true);
+        self.reset.closed().await;
+        io::Error::new(io::ErrorKind::ConnectionReset, "scripted reset")
+    }
+}
+
+async fn connection(tcp: TcpStream, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(std) = tcp.into_std() else { return };
+    let (Ok(twin), Ok(tcp)) = (std.try_clone(), TcpStream::from_std(std)) else { return };
+    let (reset, mut resetting) = watch::channel(false);
+    let conn = Arc::new(Conn { socket: TcpSocket::from_std_stream(twin), reset });
+    let svc_conn = conn.clone();
+    let service = hyper::service::service_fn(move |req| handle(shared.clone(), svc_conn.clone(), req));
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let serving = async {
+        let _ = match tls {
+            None => builder.serve_connection(TokioIo::new(tcp), service).await,
+            Some(acceptor) => match acceptor.accept(tcp).await {
+                Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                Err(e) => Err(e.into()),
+            },
+        };
+    };
+    tokio::select! {
+        () = serving => {}
+        _ = resetting.wait_for(|reset| *reset) => {}
+    }
 }
 
 async fn handle(
     shared: Arc<Shared>,
-    socket: Arc<TcpSocket>,
+    conn: Arc<Conn>,
     request: Request<Incoming>,
 ) -> io::Result<Response<Body>> {
     let (parts, body) = request.into_parts();
@@ -502,10 +519,7 @@ async fn handle(
         tokio::time::sleep(reply.delay).await;
     }
     let (status, content) = match &reply.kind {
-        Kind::Reset => {
-            socket.set_zero_linger()?;
-            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "scripted reset"));
-        }
+        Kind::Reset => return Err(conn.reset().await),
         Kind::OpenAi => openai(&request, n),
         Kind::Body(content) => (reply.status, content.clone()),
         Kind::Echo => (reply.status, Content::Full(echo(&request).to_string().into())),
@@ -531,11 +545,12 @@ async fn handle(
 
 /// A body fed chunk by chunk by a task that paces it and notices the client leaving.
 fn stream(chunks: Vec<Bytes>, reply: Reply, shared: Arc<Shared>) -> Body {
-    let (tx, mut rx) = mpsc::channel::<Chunk>(1);
+    let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(1);
     shared.bump(&shared.open_streams, true);
     tokio::spawn(async move {
         let sending = async {
-            for (i, chunk) in chunks.into_iter().enumerate() {
+            // `None` is the body's end, which a gate or a reset can also hold back.
+            for (i, chunk) in chunks.into_iter().map(Some).chain([None]).enumerate() {
                 if let Some((at, gate)) = &reply.gate
                     && *at == i
                 {
@@ -545,6 +560,7 @@ fn stream(chunks: Vec<Bytes>, reply: Reply, shared: Arc<Shared>) -> Body {
                     let reset = io::Error::new(io::ErrorKind::ConnectionReset, "scripted reset");
                     return tx.send(Err(reset)).await.is_ok();
                 }
+                let Some(chunk) = chunk else { return true };
                 if i > 0 && !reply.every.is_zero() {
                     tokio::time::sleep(reply.every).await;
                 }
@@ -591,7 +607,7 @@ fn echo(request: &Recorded) -> Value {
 
 /// The built-in answers: what OpenAI would say, shortened.
 fn openai(request: &Recorded, n: usize) -> (StatusCode, Content) {
-    let body = request.json_or_null();
+    let body: Value = serde_json::from_slice(&request.body).unwrap_or_default();
     let model = body["model"].as_str().unwrap_or("gpt-4o-mini");
     let usage = json!({
         "prompt_tokens": PROMPT_TOKENS,
@@ -637,8 +653,9 @@ fn openai(request: &Recorded, n: usize) -> (StatusCode, Content) {
                 Value::Array(items) if items.first().is_some_and(|i| !i.is_number()) => items.len(),
                 _ => 1,
             };
+            let vector = |i: usize| [i as f64 / 8.0, 0.5, -0.25];
             let data: Vec<Value> = (0..inputs)
-                .map(|i| json!({"object": "embedding", "index": i, "embedding": [i as f64 / 8.0, 0.5, -0.25]}))
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": vector(i)}))
                 .collect();
             let usage = json!({"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS});
             full(json!({"object": "list", "data": data, "model": model, "usage": usage}))
@@ -654,29 +671,4 @@ fn openai(request: &Recorded, n: usize) -> (StatusCode, Content) {
             (StatusCode::NOT_FOUND, body)
         }
     }
-}
-
-/// A CA made for this run, and a TLS acceptor whose leaf certificate it signed.
-fn tls_setup() -> Result<(Option<TlsAcceptor>, Option<CaFile>), Box<dyn std::error::Error>> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.distinguished_name.push(DnType::CommonName, "spillway mock upstream CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-    let key = KeyPair::generate()?;
-    let leaf = CertificateParams::new(["localhost".to_owned(), "127.0.0.1".to_owned()])?
-        .signed_by(&key, &ca)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone(), ca.der().clone()],
-            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        )?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mut file = tempfile::Builder::new().prefix("mock-ca-").suffix(".pem").tempfile()?;
-    file.write_all(ca.pem().as_bytes())?;
-    Ok((Some(TlsAcceptor::from(Arc::new(config))), Some((ca.pem(), file))))
 }

@@ -1,0 +1,149 @@
+//! Load bench: the same closed-loop load sent straight to a mock upstream and through
+//! the gateway, side by side.
+//!
+//! Everything runs in one process on 127.0.0.1: a mock upstream (the integration tests'
+//! own), the gateway on an ephemeral port, and `CLIENTS` keep-alive clients each sending
+//! requests back to back for `DURATION`. It prints requests/s and p50/p99 latency for
+//! both paths, and their ratio. Bounded: every run stops after `DURATION` per scenario.
+//!
+//! `cargo bench --bench load` (env: `LOAD_CLIENTS`, `LOAD_SECONDS`).
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tokio::{net::TcpListener, time::Instant};
+
+// The integration tests' mock upstream, reused as the bench's origin.
+#[allow(dead_code)]
+#[path = "../tests/it/support/certs.rs"]
+mod certs;
+#[path = "../tests/it/support/upstream.rs"]
+mod upstream;
+
+const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}"#;
+
+struct Report {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies.get(index).copied().unwrap_or_default()
+    }
+}
+
+/// `clients` keep-alive connections, each sending requests back to back for `duration`.
+async fn drive(url: String, clients: usize, duration: Duration) -> Report {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let url: http::Uri = url.parse().expect("url");
+    let started = Instant::now();
+    let stop = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0;
+                while Instant::now() < stop {
+                    let request = http::Request::post(url.clone())
+                        .header("content-type", "application/json")
+                        .header("authorization", "Bearer sk-bench")
+                        .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+                        .expect("request");
+                    let sent = Instant::now();
+                    match client.request(request).await {
+                        Ok(response) if response.status() == 200 => {
+                            match response.into_body().collect().await {
+                                Ok(_) => latencies.push(sent.elapsed()),
+                                Err(_) => errors += 1,
+                            }
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut report = Report { requests: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for task in tasks {
+        let (latencies, errors) = task.await.expect("client task");
+        report.errors += errors;
+        report.latencies.extend(latencies);
+    }
+    report.elapsed = started.elapsed();
+    report.requests = report.latencies.len();
+    report.latencies.sort_unstable();
+    report
+}
+
+fn print(name: &str, report: &Report) {
+    println!(
+        "{name:<16} {:>10.0} req/s   p50 {:>8.3} ms   p99 {:>8.3} ms   ({} requests, {} errors)",
+        report.rps(),
+        report.percentile(0.50).as_secs_f64() * 1e3,
+        report.percentile(0.99).as_secs_f64() * 1e3,
+        report.requests,
+        report.errors,
+    );
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        return;
+    }
+    let clients = env_or("LOAD_CLIENTS", 64) as usize;
+    let duration = Duration::from_secs(env_or("LOAD_SECONDS", 5));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let mock = upstream::MockUpstream::new().start().await;
+        let config = format!(
+            "[server]\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+            mock.base_url()
+        );
+        let config = spillway::config::load_str(&config, "bench.toml", |_| None, &Default::default())
+            .expect("bench config");
+        let runtime = Arc::new(spillway::runtime::Runtime::new(config).expect("runtime"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let gateway = listener.local_addr().expect("addr");
+        tokio::spawn(spillway::server::serve(listener, runtime, std::future::pending()));
+
+        println!("load: {clients} keep-alive clients, {duration:?} per scenario, chat completion JSON (mock answers at once)");
+        // Warm both paths (connections, allocator) before measuring.
+        drive(format!("{}/chat/completions", mock.base_url()), clients, Duration::from_millis(500)).await;
+        drive(format!("http://{gateway}/v1/chat/completions"), clients, Duration::from_millis(500)).await;
+
+        let direct = drive(format!("{}/chat/completions", mock.base_url()), clients, duration).await;
+        let proxied = drive(format!("http://{gateway}/v1/chat/completions"), clients, duration).await;
+        print("direct to mock", &direct);
+        print("through gateway", &proxied);
+        println!(
+            "ratio            {:>10.2}x throughput   p50 +{:.3} ms   p99 +{:.3} ms",
+            proxied.rps() / direct.rps(),
+            (proxied.percentile(0.50).as_secs_f64() - direct.percentile(0.50).as_secs_f64()) * 1e3,
+            (proxied.percentile(0.99).as_secs_f64() - direct.percentile(0.99).as_secs_f64()) * 1e3,
+        );
+    });
+}

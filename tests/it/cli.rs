@@ -1,0 +1,207 @@
+//! The real binary: commands, flags, exit codes, startup and shutdown.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spillway");
+
+/// The binary with a clean environment (no SPILLWAY_* or RUST_LOG from the caller).
+fn spillway(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().expect("binary runs");
+    let code = output.status.code().expect("exit code");
+    (code, String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn version_and_help() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, stdout, _) = run(spillway(dir.path()).arg("--version"));
+    assert_eq!((code, stdout.trim()), (0, concat!("spillway ", env!("CARGO_PKG_VERSION"))));
+    let (code, stdout, _) = run(spillway(dir.path()).arg("--help"));
+    assert_eq!(code, 0);
+    for command in ["serve", "check", "hash-key", "--listen", "--upstream", "--log-format"] {
+        assert!(stdout.contains(command), "--help does not mention {command}");
+    }
+}
+
+#[test]
+fn hash_key_trims_one_newline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = spillway(dir.path())
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().expect("stdin").write_all(b"test\n").expect("write key");
+    let output = child.wait_with_output().expect("exits");
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    );
+}
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in ["spillway.example.toml", "sidecar.toml", "multi-key.toml"] {
+        let path = root.join("config").join(name);
+        let (code, stdout, stderr) = run(spillway(root).arg("check").arg("--config").arg(&path));
+        assert_eq!(code, 0, "{name}: {stdout}{stderr}");
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_its_position_and_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "bad.toml",
+        r#"[server]
+listen = "127.0.0.1:8080"
+request_timout = "10s"
+
+[auth]
+mode = "keys"
+
+[[keys]]
+id = "team"
+key = "sk-very-secret-value"
+requests_per_minute = 0
+
+[[upstreams]]
+name = "openai"
+base_url = "ftp://example.com"
+api_key = "${MISSING_KEY}"
+"#,
+    );
+
+    let (code, _, stderr) = run(spillway(dir.path()).arg("check").arg("--config").arg(&path));
+
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    assert!(stderr.contains(&format!("{file}:3:1")), "unknown field position:\n{stderr}");
+    assert!(stderr.contains("request_timeout"), "did-you-mean hint:\n{stderr}");
+    assert!(stderr.contains("MISSING_KEY"), "missing variable:\n{stderr}");
+    assert!(stderr.contains(&format!("{file}:11:")), "zero limit position:\n{stderr}");
+    assert!(stderr.contains(&format!("{file}:15:")), "bad base_url position:\n{stderr}");
+    assert!(!stderr.contains("sk-very-secret-value"), "a key leaked:\n{stderr}");
+}
+
+#[test]
+fn a_bad_config_exits_1_and_a_taken_port_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = write(dir.path(), "bad.toml", "[server]\nlisten = \"nowhere\"\n");
+    let (code, _, stderr) = run(spillway(dir.path()).arg("--config").arg(&bad));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("bad.toml:2:"), "{stderr}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let (code, _, stderr) =
+        run(spillway(dir.path()).args(["serve", "--admin-listen", "", "--listen", &addr.to_string()]));
+    assert_eq!(code, 2, "{stderr}");
+
+    let (code, _, stderr) = run(spillway(dir.path()).args(["--listen", "not-an-address"]));
+    assert_eq!(code, 1, "{stderr}");
+}
+
+/// A running gateway process and its startup line.
+struct Running {
+    child: Child,
+    started: Value,
+}
+
+impl Running {
+    fn start(command: &mut Command) -> Self {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (found, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("spillway started") {
+                    let _ = found.send(line);
+                }
+            }
+        });
+        let line = lines.recv_timeout(Duration::from_secs(20)).expect("startup line within 20 s");
+        let started = serde_json::from_str(&line).expect("JSON log line");
+        Self { child, started }
+    }
+
+    fn terminate(self) -> i32 {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(sent.success());
+        let (exited, exit) = std::sync::mpsc::channel();
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = exited.send(child.wait().map(|status| status.code()));
+            child
+        });
+        match exit.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(Some(code))) => code,
+            other => panic!("the gateway did not exit cleanly within 10 s of SIGTERM: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn without_a_config_it_runs_on_the_built_in_defaults_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = Running::start(spillway(dir.path()).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "",
+        "--log-format",
+        "json",
+    ]));
+
+    let started = &running.started;
+    assert!(started["listen"].as_str().is_some_and(|addr| addr.starts_with("127.0.0.1:")), "{started}");
+    assert_eq!(started["upstreams"], "openai=https://api.openai.com/v1");
+    assert_eq!(started["auth"], "Passthrough");
+    assert_eq!(running.terminate(), 0);
+}
+
+#[test]
+fn flags_override_environment_which_overrides_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "spillway.toml", "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"\"\n");
+    let running = Running::start(
+        spillway(dir.path())
+            .env("SPILLWAY_LISTEN", "127.0.0.1:2")
+            .env("SPILLWAY_UPSTREAM", "http://127.0.0.1:9/v1")
+            .env("SPILLWAY_LOG_FORMAT", "json")
+            .args(["--listen", "127.0.0.1:0"]),
+    );
+
+    let started = &running.started;
+    let listen = started["listen"].as_str().unwrap_or_default();
+    assert!(
+        listen.starts_with("127.0.0.1:") && listen != "127.0.0.1:1" && listen != "127.0.0.1:2",
+        "{started}"
+    );
+    assert_eq!(started["upstreams"], "default=http://127.0.0.1:9/v1");
+    assert_eq!(running.terminate(), 0);
+}

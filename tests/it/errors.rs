@@ -1,0 +1,250 @@
+//! Every error the gateway makes itself: status, OpenAI-shaped body, and no upstream
+//! call where none should happen.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{
+    gateway::{TestGateway, config_for, http},
+    upstream::{MockUpstream, Reply},
+};
+
+/// Checks the OpenAI error shape and returns `(status, code, message)`.
+async fn gateway_error(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.expect("error body is JSON");
+    let error = &body["error"];
+    assert!(error["type"].is_string() && error.get("param").is_some(), "{body}");
+    let code = error["code"].as_str().expect("code").to_owned();
+    let message = error["message"].as_str().expect("message").to_owned();
+    (status, code, message)
+}
+
+const KEYS_MODE: &str = r#"
+[auth]
+mode = "keys"
+
+[[keys]]
+id = "search"
+key = "gw-search"
+models = ["gpt-4o*", "text-embedding-*"]
+"#;
+
+#[tokio::test]
+async fn invalid_json_is_400() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller")
+        .header("content-type", "application/json")
+        .body("{\"model\": \"gpt-4o\", ")
+        .send()
+        .await
+        .expect("answer");
+
+    let (status, code, message) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (400, "invalid_json"));
+    assert!(message.contains("line 1"), "{message}");
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_are_401() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let passthrough = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+    let keys = TestGateway::start(&config_for(&upstream.base_url(), KEYS_MODE)).await;
+    let chat = json!({"model": "gpt-4o", "messages": []});
+
+    let missing =
+        http().post(passthrough.url("/v1/chat/completions")).json(&chat).send().await.expect("answer");
+    assert_eq!(gateway_error(missing).await.0, 401);
+    let missing = http().post(keys.url("/v1/chat/completions")).json(&chat).send().await.expect("answer");
+    assert_eq!(gateway_error(missing).await.0, 401);
+
+    let unknown = http()
+        .post(keys.url("/v1/chat/completions"))
+        .bearer_auth("sk-not-a-gateway-key")
+        .json(&chat)
+        .send()
+        .await
+        .expect("answer");
+    let (status, code, message) = gateway_error(unknown).await;
+    assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
+    assert!(!message.contains("sk-not-a-gateway-key"), "the key was echoed: {message}");
+}
+
+#[tokio::test]
+async fn models_outside_a_keys_globs_are_403() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), KEYS_MODE)).await;
+    let chat = |model: &'static str| {
+        http()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth("gw-search")
+            .json(&json!({"model": model, "messages": []}))
+            .send()
+    };
+
+    let (status, code, message) = gateway_error(chat("o3").await.expect("answer")).await;
+    assert_eq!((status, code.as_str()), (403, "model_not_allowed"));
+    assert!(message.contains("search") && message.contains("o3"), "{message}");
+    assert_eq!(upstream.calls(), 0);
+
+    assert_eq!(chat("gpt-4o-mini").await.expect("answer").status(), 200);
+}
+
+#[tokio::test]
+async fn models_no_upstream_serves_are_404() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let config = config_for(&upstream.base_url(), "models = [\"gpt-*\"]");
+    let gateway = TestGateway::start(&config).await;
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller")
+        .json(&json!({"model": "claude-3", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+
+    let (status, code, message) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (404, "model_not_found"));
+    assert!(message.contains("claude-3"), "{message}");
+}
+
+#[tokio::test]
+async fn paths_outside_v1_are_404() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    let response =
+        http().get(gateway.url("/v2/models")).bearer_auth("sk-caller").send().await.expect("answer");
+
+    assert_eq!(gateway_error(response).await.0, 404);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413_declared_or_streamed() {
+    let upstream = MockUpstream::new().start().await;
+    let config = format!(
+        "[server]\nmax_request_body = \"1KiB\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
+    let gateway = TestGateway::start(&config).await;
+    let big = format!("{{\"model\":\"gpt-4o\",\"input\":\"{}\"}}", "x".repeat(2048));
+
+    let declared = http()
+        .post(gateway.url("/v1/embeddings"))
+        .bearer_auth("sk-caller")
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(gateway_error(declared).await.1, "request_too_large");
+
+    // Chunked, no content-length: refused once the limit is passed while reading.
+    let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(big[..1000].into()), Ok(big[1000..].into())];
+    let chunked = http()
+        .post(gateway.url("/v1/embeddings"))
+        .bearer_auth("sk-caller")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(gateway_error(chunked).await.0, 413);
+
+    // A streamed upload over the limit is cut off and answered 413 too.
+    let upload: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(vec![7u8; 800]), Ok(vec![7u8; 800])];
+    let streamed = http()
+        .post(gateway.url("/v1/files"))
+        .bearer_auth("sk-caller")
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(upload)))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(gateway_error(streamed).await.0, 413);
+    assert!(upstream.requests().iter().all(|request| request.body.len() <= 1024));
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502() {
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let gateway = TestGateway::start(&config_for(&format!("http://{closed}/v1"), "")).await;
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller")
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+
+    let (status, code, message) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_error"));
+    assert!(message.contains("mock"), "{message}");
+}
+
+#[tokio::test]
+async fn an_upstream_reset_is_502() {
+    let upstream = MockUpstream::new().reply(Reply::reset()).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller")
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+
+    let (status, code, _) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_error"));
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_504_after_the_attempt_timeout() {
+    let upstream = MockUpstream::new().reply(Reply::openai().delay(Duration::from_secs(30))).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "timeout = \"300ms\"")).await;
+
+    let started = tokio::time::Instant::now();
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller")
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+
+    let (status, code, _) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn the_request_deadline_is_504_too() {
+    let upstream = MockUpstream::new().reply(Reply::openai().delay(Duration::from_secs(30))).start().await;
+    let config = format!(
+        "[server]\nrequest_timeout = \"300ms\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
+    let gateway = TestGateway::start(&config).await;
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("sk-caller")
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+
+    let (status, code, message) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    assert!(message.contains("deadline"), "{message}");
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one crate, so the gateway and its dependencies link once.
+
+mod cli;
+mod errors;
+mod mock_selftest;
+mod openai_sdk;
+mod proxy;
+mod streaming;
+mod support;
+mod tls;
+mod upgrade;

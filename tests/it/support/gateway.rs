@@ -1,0 +1,86 @@
+//! The gateway under test, in-process on 127.0.0.1:0, configured from a TOML string
+//! exactly as an operator would write it.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use spillway::{config, runtime::Runtime};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway from `toml` (no `${VAR}` is set in tests' environment).
+    pub async fn start(toml: &str) -> Self {
+        let config = load(toml);
+        let runtime = Arc::new(Runtime::new(config).expect("runtime builds"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            spillway::server::serve(listener, runtime, shutdown).await.expect("gateway serves");
+        });
+        Self { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`, the base URL an SDK is given.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("gateway task ends cleanly");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Parses and validates a config written in a test.
+pub fn load(toml: &str) -> config::Config {
+    config::load_str(toml, "test.toml", |_| None, &config::Overrides::default())
+        .unwrap_or_else(|diagnostics| panic!("test config is invalid:\n{diagnostics}"))
+}
+
+/// A config with one upstream at `base_url` serving every model, plus `extra` TOML.
+pub fn config_for(base_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = ""
+
+[[upstreams]]
+name = "mock"
+base_url = "{base_url}"
+{extra}
+"#
+    )
+}
+
+/// A plain HTTP/1.1 client.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("reqwest client")
+}
