@@ -123,15 +123,16 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     }
+    let mut signals = ShutdownSignals::install()?;
     log_startup(&runtime, &listener, admin_addr);
 
     let health_on_signal = health.clone();
     let shutdown = async move {
-        shutdown_signal().await;
+        signals.recv().await;
         tracing::info!("shutdown requested; draining (send the signal again to exit at once)");
         health_on_signal.start_draining();
-        tokio::spawn(async {
-            shutdown_signal().await;
+        tokio::spawn(async move {
+            signals.recv().await;
             tracing::warn!("second shutdown signal; exiting now");
             std::process::exit(0);
         });
@@ -163,25 +164,30 @@ fn log_startup(runtime: &Runtime, listener: &TcpListener, admin: Option<std::net
     );
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
+/// SIGTERM and SIGINT, listened for from the moment this is made (before the startup
+/// line, so a supervisor that signals right after it is never ignored).
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self, crate::error::StartupError> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        let install = |kind| {
+            signal(kind)
+                .map_err(|error| crate::error::StartupError::Other(format!("cannot handle signals: {error}")))
+        };
+        Ok(Self {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
