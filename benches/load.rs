@@ -25,6 +25,10 @@ mod certs;
 #[path = "../tests/it/support/upstream.rs"]
 mod upstream;
 
+/// The release binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CHAT: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}"#;
 
@@ -33,9 +37,15 @@ struct Report {
     errors: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU time of the whole process (clients, mock and gateway) during the run.
+    cpu: Duration,
 }
 
 impl Report {
+    fn cpu_per_request(&self) -> Duration {
+        self.cpu.checked_div(self.requests.max(1) as u32).unwrap_or_default()
+    }
+
     fn rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -53,6 +63,7 @@ async fn drive(url: String, clients: usize, duration: Duration) -> Report {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let url: http::Uri = url.parse().expect("url");
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let stop = started + duration;
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -82,26 +93,54 @@ async fn drive(url: String, clients: usize, duration: Duration) -> Report {
             })
         })
         .collect();
-    let mut report = Report { requests: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
+    let mut report = Report {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+        cpu: Duration::ZERO,
+    };
     for task in tasks {
         let (latencies, errors) = task.await.expect("client task");
         report.errors += errors;
         report.latencies.extend(latencies);
     }
     report.elapsed = started.elapsed();
+    report.cpu = process_cpu().saturating_sub(cpu_before);
     report.requests = report.latencies.len();
     report.latencies.sort_unstable();
     report
 }
 
+/// User + system CPU time of this process so far, from `/proc/self/stat` (Linux).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`: utime and stime are the 12th and 13th, in clock ticks.
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 =
+        after_comm.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum();
+    Duration::from_millis(ticks * 10)
+}
+
 fn print(name: &str, report: &Report) {
     println!(
-        "{name:<16} {:>10.0} req/s   p50 {:>8.3} ms   p99 {:>8.3} ms   ({} requests, {} errors)",
+        "{name:<16} {:>8.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms   {:>6.1} µs CPU/req   ({} requests, {} errors)",
         report.rps(),
         report.percentile(0.50).as_secs_f64() * 1e3,
         report.percentile(0.99).as_secs_f64() * 1e3,
+        report.cpu_per_request().as_secs_f64() * 1e6,
         report.requests,
         report.errors,
+    );
+}
+
+fn compare(direct: &Report, proxied: &Report) {
+    println!(
+        "gateway adds     {:>8.2}x throughput   p50 +{:.3} ms   p99 +{:.3} ms   +{:.1} µs CPU/req",
+        proxied.rps() / direct.rps(),
+        (proxied.percentile(0.50).as_secs_f64() - direct.percentile(0.50).as_secs_f64()) * 1e3,
+        (proxied.percentile(0.99).as_secs_f64() - direct.percentile(0.99).as_secs_f64()) * 1e3,
+        (proxied.cpu_per_request().as_secs_f64() - direct.cpu_per_request().as_secs_f64()) * 1e6,
     );
 }
 
@@ -130,20 +169,19 @@ fn main() {
         let gateway = listener.local_addr().expect("addr");
         tokio::spawn(spillway::server::serve(listener, runtime, std::future::pending()));
 
-        println!("load: {clients} keep-alive clients, {duration:?} per scenario, chat completion JSON (mock answers at once)");
+        let direct_url = format!("{}/chat/completions", mock.base_url());
+        let gateway_url = format!("http://{gateway}/v1/chat/completions");
         // Warm both paths (connections, allocator) before measuring.
-        drive(format!("{}/chat/completions", mock.base_url()), clients, Duration::from_millis(500)).await;
-        drive(format!("http://{gateway}/v1/chat/completions"), clients, Duration::from_millis(500)).await;
+        drive(direct_url.clone(), clients, Duration::from_millis(500)).await;
+        drive(gateway_url.clone(), clients, Duration::from_millis(500)).await;
 
-        let direct = drive(format!("{}/chat/completions", mock.base_url()), clients, duration).await;
-        let proxied = drive(format!("http://{gateway}/v1/chat/completions"), clients, duration).await;
-        print("direct to mock", &direct);
-        print("through gateway", &proxied);
-        println!(
-            "ratio            {:>10.2}x throughput   p50 +{:.3} ms   p99 +{:.3} ms",
-            proxied.rps() / direct.rps(),
-            (proxied.percentile(0.50).as_secs_f64() - direct.percentile(0.50).as_secs_f64()) * 1e3,
-            (proxied.percentile(0.99).as_secs_f64() - direct.percentile(0.99).as_secs_f64()) * 1e3,
-        );
+        for concurrency in [1, clients] {
+            println!("\n{concurrency} keep-alive client(s), {duration:?} each, chat completion JSON, mock answers at once");
+            let direct = drive(direct_url.clone(), concurrency, duration).await;
+            let proxied = drive(gateway_url.clone(), concurrency, duration).await;
+            print("direct to mock", &direct);
+            print("through gateway", &proxied);
+            compare(&direct, &proxied);
+        }
     });
 }
