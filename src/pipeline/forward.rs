@@ -100,6 +100,9 @@ fn upstream_request(
     let upgrade = headers::is_upgrade(&headers);
     headers::strip_hop_by_hop(&mut headers, upgrade);
     headers.remove(header::HOST);
+    // The client's `100-continue` was answered when its body was read (or is answered
+    // as it streams); the upstream gets the body without waiting.
+    headers.remove(header::EXPECT);
     if let Some(authorization) = &upstream.authorization {
         headers.insert(header::AUTHORIZATION, authorization.clone());
         headers.remove("api-key");

@@ -65,9 +65,14 @@ fn check_accepts_the_shipped_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for name in ["spillway.example.toml", "sidecar.toml", "multi-key.toml"] {
         let path = root.join("config").join(name);
-        let (code, stdout, stderr) = run(spillway(root).arg("check").arg("--config").arg(&path));
+        let (code, stdout, stderr) =
+            run(spillway(root).env("PLAYGROUND_KEY", "pg-key").arg("check").arg("--config").arg(&path));
         assert_eq!(code, 0, "{name}: {stdout}{stderr}");
     }
+    let multi = root.join("config/multi-key.toml");
+    let (code, _, stderr) = run(spillway(root).arg("check").arg("--config").arg(&multi));
+    assert_eq!(code, 1, "a missing key variable must fail the check");
+    assert!(stderr.contains("PLAYGROUND_KEY"), "{stderr}");
 }
 
 #[test]

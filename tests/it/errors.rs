@@ -30,6 +30,11 @@ mode = "keys"
 id = "search"
 key = "gw-search"
 models = ["gpt-4o*", "text-embedding-*"]
+
+[[keys]]
+id = "batch"
+# spillway hash-key <<< gw-batch
+key_hash = "sha256:89aa00f76c40e41c905f619a561656de42ebda25e4b23fc25edd0a4d8dfbbf5e"
 "#;
 
 #[tokio::test]
@@ -74,6 +79,23 @@ async fn missing_and_unknown_keys_are_401() {
     let (status, code, message) = gateway_error(unknown).await;
     assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
     assert!(!message.contains("sk-not-a-gateway-key"), "the key was echoed: {message}");
+}
+
+#[tokio::test]
+async fn keys_given_by_hash_are_accepted() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), KEYS_MODE)).await;
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("gw-batch")
+        .json(&json!({"model": "o3", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+
+    assert_eq!(response.status(), 200);
+    assert!(upstream.last_request().header("authorization").is_none());
 }
 
 #[tokio::test]

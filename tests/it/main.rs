@@ -1,5 +1,6 @@
 //! Integration tests: one crate, so the gateway and its dependencies link once.
 
+mod admin;
 mod cli;
 mod errors;
 mod mock_selftest;
