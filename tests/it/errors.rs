@@ -124,13 +124,7 @@ async fn models_no_upstream_serves_are_404() {
     let config = config_for(&upstream.base_url(), "models = [\"gpt-*\"]");
     let gateway = TestGateway::start(&config).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "claude-3", "messages": []}))
-        .send()
-        .await
-        .expect("answer");
+    let response = gateway.chat("claude-3", false).await;
 
     let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (404, "model_not_found"));
@@ -200,13 +194,7 @@ async fn an_unreachable_upstream_is_502() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
     let gateway = TestGateway::start(&config_for(&format!("http://{closed}/v1"), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("answer");
+    let response = gateway.chat("gpt-4o", false).await;
 
     let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"));
@@ -218,13 +206,7 @@ async fn an_upstream_reset_is_502() {
     let upstream = MockUpstream::new().reply(Reply::reset()).start().await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("answer");
+    let response = gateway.chat("gpt-4o", false).await;
 
     let (status, code, _) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"));
@@ -236,13 +218,7 @@ async fn a_slow_upstream_is_504_after_the_attempt_timeout() {
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "timeout = \"300ms\"")).await;
 
     let started = tokio::time::Instant::now();
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("answer");
+    let response = gateway.chat("gpt-4o", false).await;
 
     let (status, code, _) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
@@ -258,13 +234,7 @@ async fn the_request_deadline_is_504_too() {
     );
     let gateway = TestGateway::start(&config).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("answer");
+    let response = gateway.chat("gpt-4o", false).await;
 
     let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (504, "upstream_timeout"));

@@ -111,13 +111,7 @@ models = ["llama-*"]
     let gateway = TestGateway::start(&config).await;
 
     for model in ["gpt-4o", "llama-3"] {
-        let response = http()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth("sk-caller")
-            .json(&json!({"model": model, "messages": []}))
-            .send()
-            .await
-            .expect("gateway answers");
+        let response = gateway.chat(model, false).await;
         assert_eq!(response.status(), 200, "{model}");
     }
 
@@ -209,13 +203,7 @@ async fn server_timing_splits_gateway_and_upstream_time() {
         MockUpstream::new().reply(Reply::openai().header("server-timing", "model;dur=12.5")).start().await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", false).await;
 
     let timing = response.headers()["server-timing"].to_str().expect("text").to_owned();
     let entries: Vec<&str> = timing.split(", ").collect();
@@ -252,16 +240,9 @@ models = ["meta-llama/*", "qwen*"]
         second.base_url()
     );
     let gateway = TestGateway::start(&config).await;
-    let chat = |model: &'static str| {
-        http()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth("sk-caller")
-            .json(&json!({"model": model, "messages": []}))
-            .send()
-    };
 
-    assert_eq!(chat("qwen2.5-7b").await.expect("answer").status(), 200);
-    assert_eq!(chat("meta-llama/Llama-3.1-8B").await.expect("answer").status(), 200);
+    assert_eq!(gateway.chat("qwen2.5-7b", false).await.status(), 200);
+    assert_eq!(gateway.chat("meta-llama/Llama-3.1-8B", false).await.status(), 200);
     assert_eq!(second.calls(), 2);
     assert_eq!(first.calls(), 0);
 
@@ -343,13 +324,7 @@ async fn upstream_errors_come_back_unchanged() {
         .await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", false).await;
 
     assert_eq!(response.status(), 400);
     assert_eq!(response.headers()["x-extra"], "1");

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::support::{
-    gateway::{TestGateway, config_for, http},
+    gateway::{TestGateway, config_for},
     upstream::{Gate, MockUpstream, Reply},
 };
 
@@ -25,13 +25,7 @@ async fn the_first_chunk_arrives_before_the_upstream_sends_the_last() {
         MockUpstream::new().reply(Reply::sse([chunk("Hel"), chunk("lo")]).gate_after(1, &gate)).start().await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": [], "stream": true}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", true).await;
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.bytes_stream();
 
@@ -62,13 +56,7 @@ async fn a_client_that_leaves_mid_stream_cancels_the_upstream() {
         .await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": [], "stream": true}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", true).await;
     let mut body = response.bytes_stream();
     body.next().await.expect("a chunk").expect("no error");
     assert_eq!(upstream.open_streams(), 1);
@@ -87,13 +75,7 @@ async fn an_upstream_reset_mid_stream_cuts_the_client_stream() {
         .await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": [], "stream": true}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", true).await;
     assert_eq!(response.status(), 200);
 
     // The client must see an error, not a clean end: a truncated stream is not a
@@ -121,13 +103,7 @@ async fn a_stream_stops_at_the_request_deadline() {
     );
     let gateway = TestGateway::start(&config).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": [], "stream": true}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", true).await;
     let mut body = response.bytes_stream();
     let mut ended_with_error = false;
     while let Some(piece) = tokio::time::timeout(Duration::from_secs(10), body.next()).await.expect("bounded")
@@ -150,13 +126,7 @@ async fn shutdown_lets_an_open_stream_finish() {
         .await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
     let addr = gateway.addr;
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": [], "stream": true}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", true).await;
     let mut body = response.bytes_stream();
     body.next().await.expect("a chunk").expect("no error");
 

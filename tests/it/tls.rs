@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::support::{
     certs::TestCerts,
-    gateway::{TestGateway, config_for, http},
+    gateway::{TestGateway, config_for},
     upstream::MockUpstream,
 };
 
@@ -16,13 +16,7 @@ async fn https_upstreams_are_trusted_through_ca_file() {
     let gateway = TestGateway::start(&config).await;
 
     for _ in 0..3 {
-        let response = http()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth("sk-caller")
-            .json(&json!({"model": "gpt-4o", "messages": []}))
-            .send()
-            .await
-            .expect("gateway answers");
+        let response = gateway.chat("gpt-4o", false).await;
         assert_eq!(response.status(), 200);
         response.bytes().await.expect("body");
     }
@@ -37,13 +31,7 @@ async fn https_upstreams_with_an_unknown_ca_are_refused() {
     let upstream = MockUpstream::new().tls().expect_calls(0).start().await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .json(&json!({"model": "gpt-4o", "messages": []}))
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.chat("gpt-4o", false).await;
 
     assert_eq!(response.status(), 502);
 }

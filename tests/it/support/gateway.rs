@@ -39,6 +39,17 @@ impl TestGateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `POST path` with a JSON body, as caller `sk-caller`.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        http().post(self.url(path)).bearer_auth("sk-caller").json(body).send().await.expect("gateway answers")
+    }
+
+    /// A chat completion for `model` (streamed with `stream`), as caller `sk-caller`.
+    pub async fn chat(&self, model: &str, stream: bool) -> reqwest::Response {
+        let body = serde_json::json!({"model": model, "messages": [], "stream": stream});
+        self.post_json("/v1/chat/completions", &body).await
+    }
+
     /// Stops accepting and waits for the drain to finish.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
