@@ -240,3 +240,31 @@ async fn the_request_deadline_is_504_too() {
     assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
     assert!(message.contains("deadline"), "{message}");
 }
+
+#[tokio::test]
+async fn a_connect_that_hangs_is_cut_by_connect_timeout() {
+    // A listener that never accepts, with its tiny backlog already full: the kernel
+    // drops further SYNs, so a connect hangs (all on loopback).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let _listener = socket.listen(0).expect("listen");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+        {
+            fillers.push(stream);
+        }
+    }
+    let config = config_for(&format!("http://{addr}/v1"), "connect_timeout = \"200ms\"\ntimeout = \"20s\"");
+    let gateway = TestGateway::start(&config).await;
+
+    let started = tokio::time::Instant::now();
+    let response = gateway.chat("gpt-4o", false).await;
+
+    let (status, code, message) = gateway_error(response).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_error"), "{message}");
+    assert!(message.contains("connect error: deadline has elapsed"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
