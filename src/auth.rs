@@ -11,21 +11,37 @@ use std::{collections::HashMap, sync::Arc};
 use http::{HeaderMap, header};
 
 use crate::{
-    config::{AuthMode, KeyConfig},
+    config::{AuthMode, KeyConfig, LimitSpec},
     error::GatewayError,
+    limit::{BucketKey, Quota},
     secret::{KeyHash, KeyId},
 };
 
-/// The `[[keys]]` of one config, by hash.
+/// The `[[keys]]` of one config by hash, each with its resolved limits.
 #[derive(Debug, Default)]
 pub struct KeyTable {
-    by_hash: HashMap<KeyHash, Arc<KeyConfig>>,
+    by_hash: HashMap<KeyHash, Arc<KeyEntry>>,
+    /// The limits of presented keys that are not listed.
+    default_quota: Quota,
+}
+
+/// A configured key and the limits that apply to it.
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub config: KeyConfig,
+    pub quota: Quota,
 }
 
 impl KeyTable {
-    pub fn new(keys: &[KeyConfig]) -> Self {
-        let by_hash = keys.iter().map(|key| (key.hash, Arc::new(key.clone()))).collect();
-        Self { by_hash }
+    pub fn new(keys: &[KeyConfig], default_limits: &LimitSpec) -> Self {
+        let by_hash = keys
+            .iter()
+            .map(|key| {
+                let quota = Quota::resolve(Some(&key.limits), default_limits);
+                (key.hash, Arc::new(KeyEntry { config: key.clone(), quota }))
+            })
+            .collect();
+        Self { by_hash, default_quota: Quota::resolve(None, default_limits) }
     }
 
     pub fn len(&self) -> usize {
@@ -39,7 +55,7 @@ impl KeyTable {
     /// The entry whose hash equals `hash`. The map lookup is on a hash of the
     /// presented key (its timing tells nothing about stored keys); the final equality
     /// check is constant-time.
-    fn find(&self, hash: &KeyHash) -> Option<&Arc<KeyConfig>> {
+    fn find(&self, hash: &KeyHash) -> Option<&Arc<KeyEntry>> {
         self.by_hash.get_key_value(hash).filter(|(stored, _)| stored.ct_eq(hash)).map(|(_, entry)| entry)
     }
 }
@@ -51,7 +67,9 @@ pub struct Caller {
     pub id: KeyId,
     pub hash: KeyHash,
     /// The matching `[[keys]]` entry, if any.
-    pub entry: Option<Arc<KeyConfig>>,
+    pub entry: Option<Arc<KeyEntry>>,
+    /// The limits that apply to this caller.
+    pub quota: Quota,
     /// Passthrough: the caller's key is a provider key, forwarded to upstreams that
     /// have no `api_key` of their own. Never true for a gateway key.
     pub forwards_own_key: bool,
@@ -60,7 +78,18 @@ pub struct Caller {
 impl Caller {
     /// Whether this caller may use `model` (keys without `models` may use any).
     pub fn may_use(&self, model: &str) -> bool {
-        self.entry.as_ref().and_then(|entry| entry.models.as_ref()).is_none_or(|globs| globs.matches(model))
+        self.entry
+            .as_ref()
+            .and_then(|entry| entry.config.models.as_ref())
+            .is_none_or(|globs| globs.matches(model))
+    }
+
+    /// Whose buckets this caller's requests count against.
+    pub fn bucket(&self) -> BucketKey {
+        match &self.entry {
+            Some(entry) => BucketKey::Configured(entry.config.id.clone()),
+            None => BucketKey::Presented(self.hash),
+        }
     }
 }
 
@@ -73,12 +102,20 @@ pub fn authenticate(headers: &HeaderMap, mode: AuthMode, keys: &KeyTable) -> Res
     let hash = KeyHash::of(presented);
     let forwards_own_key = mode == AuthMode::Passthrough;
     match (keys.find(&hash), mode) {
-        (Some(entry), _) => {
-            Ok(Caller { id: entry.id.clone(), hash, entry: Some(entry.clone()), forwards_own_key })
-        }
-        (None, AuthMode::Passthrough) => {
-            Ok(Caller { id: KeyId::from(&hash), hash, entry: None, forwards_own_key })
-        }
+        (Some(entry), _) => Ok(Caller {
+            id: entry.config.id.clone(),
+            hash,
+            quota: entry.quota,
+            entry: Some(entry.clone()),
+            forwards_own_key,
+        }),
+        (None, AuthMode::Passthrough) => Ok(Caller {
+            id: KeyId::from(&hash),
+            hash,
+            entry: None,
+            quota: keys.default_quota,
+            forwards_own_key,
+        }),
         (None, AuthMode::Keys) => Err(GatewayError::UnknownApiKey),
     }
 }
@@ -103,12 +140,13 @@ mod tests {
     use super::*;
 
     fn table(id: &str, key: &str) -> KeyTable {
-        KeyTable::new(&[KeyConfig {
+        let key = KeyConfig {
             id: KeyId::new(id),
             hash: KeyHash::of(key.as_bytes()),
             limits: Default::default(),
             models: None,
-        }])
+        };
+        KeyTable::new(&[key], &LimitSpec::default())
     }
 
     fn with(name: &'static str, value: &'static str) -> HeaderMap {

@@ -9,7 +9,11 @@
 
 use http::StatusCode;
 
-use crate::{config::ByteSize, secret::KeyId};
+use crate::{
+    config::ByteSize,
+    limit::{LimitKind, RateSnapshot},
+    secret::KeyId,
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -31,6 +35,13 @@ pub enum GatewayError {
     ClientBody(String),
     #[error("request body exceeds the limit of {limit}")]
     RequestTooLarge { limit: ByteSize },
+    #[error("rate limit reached for {limit} on key `{key}`; retry after {}", crate::pipeline::admit::format_reset(*retry_after))]
+    RateLimited { key: KeyId, limit: LimitKind, retry_after: std::time::Duration, snapshot: RateSnapshot },
+    #[error(
+        "request needs about {needed} tokens but key `{key}` may use at most {capacity} tokens at once; \
+         it can never fit: lower max_tokens or shorten the prompt"
+    )]
+    NeverFits { key: KeyId, needed: u64, capacity: u64, snapshot: RateSnapshot },
     #[error("upstream `{upstream}` unreachable: {reason}")]
     UpstreamUnreachable { upstream: String, reason: String },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
@@ -49,6 +60,7 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RateLimited { .. } | Self::NeverFits { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -65,6 +77,7 @@ impl GatewayError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_url",
             Self::RequestTooLarge { .. } => "request_too_large",
+            Self::RateLimited { .. } | Self::NeverFits { .. } => "rate_limit_exceeded",
             Self::UpstreamUnreachable { .. } => "upstream_error",
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => "upstream_timeout",
             Self::Internal(_) => "internal_error",
@@ -80,6 +93,8 @@ impl GatewayError {
             | Self::UnknownPath(_)
             | Self::RequestTooLarge { .. } => "invalid_request_error",
             Self::MissingApiKey | Self::UnknownApiKey => "authentication_error",
+            Self::RateLimited { limit, .. } => limit.as_str(),
+            Self::NeverFits { .. } => LimitKind::Tokens.as_str(),
             Self::ModelNotAllowed { .. } => "permission_error",
             Self::UpstreamUnreachable { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
                 "upstream_error"

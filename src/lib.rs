@@ -11,6 +11,7 @@
 //!   their order.
 //! - [`upstream`]: upstream pools, routing by model, header hygiene.
 //! - [`auth`]: identifying the caller by key hash.
+//! - [`limit`]: per-key requests, tokens and concurrency limits behind one trait.
 //! - [`openai`]: the few fields of OpenAI's wire format the gateway reads.
 //! - [`error`]: gateway errors and the table mapping them to status and code.
 //! - [`secret`]: redacted secret types; [`runtime`]: state built from one config.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod openai;
 pub mod pipeline;
 pub mod runtime;

@@ -8,7 +8,7 @@
 
 use std::{
     net::SocketAddr,
-    num::NonZeroU32,
+    num::{NonZeroU32, NonZeroU64},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -39,6 +39,8 @@ pub struct Config {
     pub auth: AuthMode,
     /// `[limits.default]`: limits for passthrough keys and for keys without their own.
     pub default_limits: LimitSpec,
+    /// The other `[limits]` settings.
+    pub limits: LimitsConfig,
     pub keys: Vec<KeyConfig>,
     /// Never empty: the built-in default is one passthrough upstream to OpenAI.
     pub upstreams: Vec<UpstreamConfig>,
@@ -71,6 +73,16 @@ pub enum AuthMode {
     Passthrough,
     /// Callers send a gateway key listed in `[[keys]]`; upstreams get their own `api_key`.
     Keys,
+}
+
+/// `[limits]` settings besides `[limits.default]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// How many passthrough keys' buckets the local limiter keeps at most.
+    pub max_tracked_keys: NonZeroU64,
+    /// The completion allowance added to a request's token estimate when it sets
+    /// neither `max_tokens` nor `max_completion_tokens`.
+    pub default_completion_tokens: u64,
 }
 
 /// Limits of one key. `None` means "not set here" (falls back to `[limits.default]`,

@@ -106,10 +106,22 @@ impl Default for RawAuth {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default)]
 pub(crate) struct RawLimits {
     pub default: RawLimitSpec,
+    pub max_tracked_keys: Spanned<i64>,
+    pub default_completion_tokens: Spanned<i64>,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            default: RawLimitSpec::default(),
+            max_tracked_keys: builtin(100_000),
+            default_completion_tokens: builtin(0),
+        }
+    }
 }
 
 /// `[limits.default]`, and the same fields of a `[[keys]]` entry. Unset = `None`.

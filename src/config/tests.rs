@@ -49,6 +49,8 @@ fn defaults_are_the_documented_values() {
     assert_eq!(config.server.tls, None);
     assert_eq!(config.auth, AuthMode::Passthrough);
     assert_eq!(config.default_limits, LimitSpec::default());
+    assert_eq!(config.limits.max_tracked_keys.get(), 100_000);
+    assert_eq!(config.limits.default_completion_tokens, 0);
     assert!(config.keys.is_empty());
     let [openai] = &config.upstreams[..] else { panic!("one default upstream") };
     assert_eq!(openai.name, "openai");
@@ -112,6 +114,7 @@ fn the_commented_example_matches_the_defaults() {
     assert_eq!(format!("{:?}", example.server), format!("{:?}", builtin.server));
     assert_eq!(example.auth, builtin.auth);
     assert_eq!(example.default_limits, builtin.default_limits);
+    assert_eq!(example.limits, builtin.limits);
     assert_eq!(format!("{:?}", example.upstreams), format!("{:?}", builtin.upstreams));
     assert_eq!(format!("{:?}", example.retry), format!("{:?}", builtin.retry));
     assert_eq!(format!("{:?}", example.cache), format!("{:?}", builtin.cache));

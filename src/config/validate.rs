@@ -12,7 +12,7 @@ mod tests;
 
 use std::{
     net::SocketAddr,
-    num::NonZeroU32,
+    num::{NonZeroU32, NonZeroU64},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -23,10 +23,10 @@ use http::StatusCode;
 use toml::Spanned;
 
 use super::{
-    AuthMode, ByteSize, CacheConfig, CacheScope, Config, LimitSpec, ModelGlobs, RedisConfig, RetryConfig,
-    ServerConfig, TlsFiles,
+    AuthMode, ByteSize, CacheConfig, CacheScope, Config, LimitSpec, LimitsConfig, ModelGlobs, RedisConfig,
+    RetryConfig, ServerConfig, TlsFiles,
     diagnostic::{Diagnostic, Locator, did_you_mean},
-    raw::{RawCache, RawConfig, RawLimitSpec, RawRedis, RawRetry, RawServer, is_default},
+    raw::{RawCache, RawConfig, RawLimitSpec, RawLimits, RawRedis, RawRetry, RawServer, is_default},
     units::parse_duration,
 };
 
@@ -43,6 +43,7 @@ pub(crate) fn validate(
     let server = c.server(&raw.server);
     let auth = c.choice("auth.mode", &raw.auth.mode, &["passthrough", "keys"]);
     let default_limits = c.limits(&raw.limits.default, &LimitSpec::default());
+    let limits = c.limits_settings(&raw.limits);
     let keys = c.keys(&raw.keys, &default_limits.unwrap_or_default());
     if auth == Some("keys") && raw.keys.is_empty() {
         let message = "auth.mode = \"keys\" needs at least one [[keys]] entry";
@@ -62,6 +63,7 @@ pub(crate) fn validate(
             server: server?,
             auth: auth?,
             default_limits: default_limits?,
+            limits: limits?,
             keys: keys?,
             upstreams: upstreams?,
             retry: retry?,
@@ -289,6 +291,26 @@ impl Checker<'_> {
             ok = false;
         }
         ok.then_some(spec)
+    }
+
+    /// `[limits]` besides its `default` table.
+    fn limits_settings(&mut self, raw: &RawLimits) -> Option<LimitsConfig> {
+        let keys = *raw.max_tracked_keys.get_ref();
+        let max_tracked_keys = u64::try_from(keys).ok().and_then(NonZeroU64::new);
+        if max_tracked_keys.is_none() {
+            let message = format!("`max_tracked_keys` must be at least 1, not {keys}");
+            self.report(&raw.max_tracked_keys, message, "");
+        }
+        let tokens = *raw.default_completion_tokens.get_ref();
+        let default_completion_tokens = u64::try_from(tokens).ok();
+        if default_completion_tokens.is_none() {
+            let message = format!("`default_completion_tokens` must be 0 or more, not {tokens}");
+            self.report(&raw.default_completion_tokens, message, "");
+        }
+        Some(LimitsConfig {
+            max_tracked_keys: max_tracked_keys?,
+            default_completion_tokens: default_completion_tokens?,
+        })
     }
 
     fn retry(&mut self, raw: &RawRetry) -> Option<RetryConfig> {

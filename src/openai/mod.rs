@@ -1,8 +1,19 @@
 //! The few parts of OpenAI's wire format the gateway reads. Bodies are forwarded as
 //! sent; only the fields routing, limits and caching need are deserialized, borrowed
 //! and partially.
+//!
+//! This module owns the request summary ([`CallSummary`]), the one request rewrite the
+//! spec allows (asking a stream for its usage, [`with_include_usage`]) and reading a
+//! non-streamed response's [`Usage`]. Streamed responses are [`sse`]'s business, prompt
+//! token estimates [`tokens`]'. Nothing here decides what to do with what it reads.
 
-use serde::Deserialize;
+pub mod sse;
+pub mod tokens;
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, de::IgnoredAny};
 
 /// What a JSON request body says about the call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -11,14 +22,53 @@ pub struct CallSummary {
     pub model: Option<String>,
     /// `"stream": true`.
     pub stream: bool,
+    /// `"stream_options": {"include_usage": true}`: the client wants the final usage
+    /// chunk of a stream, so the gateway must not strip it.
+    pub include_usage: bool,
+    /// The body has a `stream_options` key of any value, so asking for usage means
+    /// merging into it rather than adding the key.
+    pub has_stream_options: bool,
 }
 
 #[derive(Deserialize)]
 struct Peek<'a> {
     #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
     #[serde(default, deserialize_with = "lenient_bool")]
     stream: bool,
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<StreamOptionsPeek>,
+}
+
+/// `Some` whenever the key is there, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<StreamOptionsPeek>, D::Error> {
+    StreamOptionsPeek::deserialize(deserializer).map(Some)
+}
+
+/// `stream_options` of any shape; only an object's `include_usage: true` counts.
+struct StreamOptionsPeek {
+    include_usage: bool,
+}
+
+impl<'de> Deserialize<'de> for StreamOptionsPeek {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Options {
+            #[serde(default, deserialize_with = "lenient_bool")]
+            include_usage: bool,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum MaybeOptions {
+            Options(Options),
+            Other(IgnoredAny),
+        }
+        let include_usage = match MaybeOptions::deserialize(deserializer)? {
+            MaybeOptions::Options(options) => options.include_usage,
+            MaybeOptions::Other(_) => false,
+        };
+        Ok(Self { include_usage })
+    }
 }
 
 /// `stream` of any other type than a boolean is the upstream's business to reject.
@@ -27,7 +77,7 @@ fn lenient_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<boo
     #[serde(untagged)]
     enum MaybeBool {
         Bool(bool),
-        Other(serde::de::IgnoredAny),
+        Other(IgnoredAny),
     }
     Ok(matches!(MaybeBool::deserialize(deserializer)?, MaybeBool::Bool(true)))
 }
@@ -37,20 +87,126 @@ impl CallSummary {
     /// serde's message (with line and column) for a 400 `invalid_json`.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let peek: Peek<'_> = serde_json::from_slice(body).map_err(|error| error.to_string())?;
-        Ok(Self { model: peek.model.map(|model| model.into_owned()), stream: peek.stream })
+        Ok(Self {
+            model: peek.model.map(Cow::into_owned),
+            stream: peek.stream,
+            include_usage: peek.stream_options.as_ref().is_some_and(|options| options.include_usage),
+            has_stream_options: peek.stream_options.is_some(),
+        })
     }
+
+    /// The body to send upstream so that a stream ends with its usage chunk, given the
+    /// body this summary was parsed from; `None` when the body can go as it is (not a
+    /// stream, or the client already asked for usage).
+    ///
+    /// Without a `stream_options` key, `"stream_options":{"include_usage":true}` is
+    /// spliced in right after the opening `{` and every other byte stays as sent. With
+    /// one (rare), the body is re-serialized with `include_usage` merged in, which
+    /// reorders its keys. Only chat/completions and completions streams take this
+    /// option; which paths to rewrite is the caller's decision.
+    pub fn with_include_usage(&self, body: &[u8]) -> Option<Bytes> {
+        if !self.stream || self.include_usage {
+            return None;
+        }
+        if self.has_stream_options { merge_include_usage(body) } else { splice_include_usage(body) }
+    }
+}
+
+/// [`CallSummary::with_include_usage`] for a body not yet parsed; `None` also when it
+/// is not a JSON object.
+pub fn with_include_usage(body: &[u8]) -> Option<Bytes> {
+    CallSummary::parse(body).ok()?.with_include_usage(body)
+}
+
+const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true}"#;
+
+fn splice_include_usage(body: &[u8]) -> Option<Bytes> {
+    let open = body.iter().position(|byte| !byte.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let rest = &body[open + 1..];
+    let empty = rest.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'}');
+    let mut spliced = BytesMut::with_capacity(body.len() + INCLUDE_USAGE.len() + 1);
+    spliced.put_slice(&body[..=open]);
+    spliced.put_slice(INCLUDE_USAGE);
+    if !empty {
+        spliced.put_u8(b',');
+    }
+    spliced.put_slice(rest);
+    Some(spliced.freeze())
+}
+
+fn merge_include_usage(body: &[u8]) -> Option<Bytes> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object_mut()?;
+    let options = object.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+    if !options.is_object() {
+        *options = serde_json::json!({});
+    }
+    if let Some(options) = options.as_object_mut() {
+        options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+    }
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
+/// Tokens an upstream says a call used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+/// The wire shape of `usage`: chat/completions and completions send all three fields,
+/// embeddings no `completion_tokens`, the Responses API `input_tokens`/`output_tokens`.
+#[derive(Deserialize)]
+pub(crate) struct UsagePeek {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: u64,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+}
+
+impl From<UsagePeek> for Usage {
+    fn from(peek: UsagePeek) -> Self {
+        let sum = peek.prompt_tokens.saturating_add(peek.completion_tokens);
+        Self {
+            prompt_tokens: peek.prompt_tokens,
+            completion_tokens: peek.completion_tokens,
+            total_tokens: peek.total_tokens.unwrap_or(sum),
+        }
+    }
+}
+
+/// The top-level `usage` of a non-streamed JSON response; `None` when the body is not
+/// JSON, has no `usage`, or its counts are not non-negative integers.
+pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct Response {
+        #[serde(default)]
+        usage: Option<UsagePeek>,
+    }
+    let response: Response = serde_json::from_slice(body).ok()?;
+    response.usage.map(Usage::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn summary(model: Option<&str>, stream: bool) -> CallSummary {
+        CallSummary { model: model.map(str::to_owned), stream, ..CallSummary::default() }
+    }
+
     #[test]
     fn reads_model_and_stream() {
         let call = CallSummary::parse(br#"{"messages":[],"model":"gpt-4o","stream":true}"#);
-        assert_eq!(call, Ok(CallSummary { model: Some("gpt-4o".into()), stream: true }));
+        assert_eq!(call, Ok(summary(Some("gpt-4o"), true)));
         let call = CallSummary::parse(br#"{"model":"m\u00e9","stream":"yes"}"#);
-        assert_eq!(call, Ok(CallSummary { model: Some("m\u{e9}".into()), stream: false }));
+        assert_eq!(call, Ok(summary(Some("m\u{e9}"), false)));
     }
 
     #[test]
@@ -58,5 +214,84 @@ mod tests {
         assert!(CallSummary::parse(b"{\"model\": ").is_err());
         assert!(CallSummary::parse(b"").is_err());
         assert!(CallSummary::parse(br#"{"model": 5}"#).is_err());
+    }
+
+    #[test]
+    fn reads_include_usage_of_any_shape() {
+        let parse =
+            |body: &[u8]| CallSummary::parse(body).map(|call| (call.include_usage, call.has_stream_options));
+        assert_eq!(parse(br#"{"stream":true,"stream_options":{"include_usage":true}}"#), Ok((true, true)));
+        assert_eq!(parse(br#"{"stream":true,"stream_options":{"include_usage":false}}"#), Ok((false, true)));
+        assert_eq!(parse(br#"{"stream":true,"stream_options":{"include_usage":"yes"}}"#), Ok((false, true)));
+        assert_eq!(parse(br#"{"stream":true,"stream_options":null}"#), Ok((false, true)));
+        assert_eq!(parse(br#"{"stream":true,"stream_options":[1]}"#), Ok((false, true)));
+        assert_eq!(parse(br#"{"stream":true}"#), Ok((false, false)));
+    }
+
+    #[test]
+    fn splices_include_usage_after_the_opening_brace() {
+        let body = br#" {"model":"gpt-4o", "stream":true,"messages":[]}"#;
+        let rewritten = with_include_usage(body).expect("a stream without usage is rewritten");
+        assert_eq!(
+            &rewritten[..],
+            br#" {"stream_options":{"include_usage":true},"model":"gpt-4o", "stream":true,"messages":[]}"#
+        );
+        let call = CallSummary::parse(&rewritten).expect("still JSON");
+        assert!(call.include_usage && call.stream);
+    }
+
+    #[test]
+    fn merges_include_usage_into_existing_options() {
+        for body in [
+            &br#"{"stream":true,"stream_options":{"include_obfuscation":false},"model":"m"}"#[..],
+            br#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+            br#"{"stream":true,"stream_options":null}"#,
+        ] {
+            let rewritten = with_include_usage(body).expect("rewritten");
+            let value: serde_json::Value = serde_json::from_slice(&rewritten).expect("JSON");
+            assert_eq!(value["stream_options"]["include_usage"], true);
+            assert_eq!(value["stream"], true);
+        }
+        let rewritten =
+            with_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).expect("rewritten");
+        let value: serde_json::Value = serde_json::from_slice(&rewritten).expect("JSON");
+        assert_eq!(value["stream_options"]["x"], 1, "other options are kept");
+    }
+
+    #[test]
+    fn leaves_bodies_that_need_nothing() {
+        assert_eq!(with_include_usage(br#"{"model":"m"}"#), None);
+        assert_eq!(with_include_usage(br#"{"stream":false}"#), None);
+        assert_eq!(with_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#), None);
+        assert_eq!(with_include_usage(b"[1]"), None);
+        assert_eq!(with_include_usage(b"not json"), None);
+    }
+
+    #[test]
+    fn reads_usage_of_each_endpoint() {
+        let chat = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#;
+        assert_eq!(
+            usage_from_json(chat),
+            Some(Usage { prompt_tokens: 9, completion_tokens: 12, total_tokens: 21 })
+        );
+        let embeddings = br#"{"data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        assert_eq!(
+            usage_from_json(embeddings),
+            Some(Usage { prompt_tokens: 8, completion_tokens: 0, total_tokens: 8 })
+        );
+        let responses = br#"{"usage":{"input_tokens":5,"output_tokens":7,"input_tokens_details":{}}}"#;
+        assert_eq!(
+            usage_from_json(responses),
+            Some(Usage { prompt_tokens: 5, completion_tokens: 7, total_tokens: 12 })
+        );
+    }
+
+    #[test]
+    fn usage_absent_or_odd_is_none() {
+        assert_eq!(usage_from_json(br#"{"choices":[]}"#), None);
+        assert_eq!(usage_from_json(br#"{"usage":null}"#), None);
+        assert_eq!(usage_from_json(br#"{"usage":{"prompt_tokens":-1}}"#), None);
+        assert_eq!(usage_from_json(br#"{"usage":"many"}"#), None);
+        assert_eq!(usage_from_json(b"data: {}"), None);
     }
 }

@@ -113,6 +113,9 @@ fn upstream_request(
 
     let body = match &mut request.body {
         RequestBody::Buffered(bytes) => {
+            // The body may have been rewritten (stream usage): its length is what
+            // hyper declares, not what the client did.
+            headers.remove(header::CONTENT_LENGTH);
             Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync()
         }
         RequestBody::Streaming(body) => body

@@ -40,6 +40,9 @@ const JSON_ENDPOINTS: [&str; 6] = [
     "/v1/images/generations",
 ];
 
+/// Streaming endpoints that take `stream_options.include_usage`.
+const USAGE_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
 #[derive(Clone)]
 pub struct IngressLayer {
     runtime: Arc<Runtime>,
@@ -113,9 +116,18 @@ async fn proxy_request(
     if declared_length(&head.headers).is_some_and(|length| length > limit.0) {
         return Err(GatewayError::RequestTooLarge { limit });
     }
+    let mut strip_usage = false;
     let (body, call) = if is_json(&head) {
-        let bytes = read_whole(body, limit).await?;
+        let mut bytes = read_whole(body, limit).await?;
         let call = CallSummary::parse(&bytes).map_err(GatewayError::InvalidJson)?;
+        // Token accounting needs a stream's usage: ask for it on the client's behalf,
+        // and have it stripped again on the way back.
+        if USAGE_ENDPOINTS.contains(&head.uri.path())
+            && let Some(with_usage) = call.with_include_usage(&bytes)
+        {
+            bytes = with_usage;
+            strip_usage = true;
+        }
         (RequestBody::Buffered(bytes), call)
     } else {
         let streamed = Limited::new(body, limit.as_usize())
@@ -138,7 +150,7 @@ async fn proxy_request(
         return Err(GatewayError::ModelNotFound(call.model.unwrap_or_default()));
     }
     let id = head.headers.get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_static("-"));
-    Ok(ProxyRequest { id, head, body, caller, call, upstreams, deadline })
+    Ok(ProxyRequest { id, head, body, caller, call, strip_usage, upstreams, deadline })
 }
 
 /// Whether the body is JSON to read whole: a JSON content type, or none on an

@@ -5,7 +5,8 @@
 //! S0 observe   request id, server-timing, access-log line          observe.rs
 //! S1 ingress   read body (limit) → parse → authenticate → route    ingress.rs
 //!              ⇒ ProxyRequest; gateway errors → OpenAI JSON        respond.rs
-//! S2 admit     (per-key limits: requests, tokens, concurrency)      later
+//! S2 admit     concurrency slot + request + token estimate, or 429  admit.rs
+//!              (the response body settles the estimate at its end)  metered.rs
 //! S3 cache     (lookup / coalesce / store)                          later
 //! S4 retry     (attempts, backoff, failover)                        later
 //! S5 forward   header hygiene, credentials, send, per-attempt       forward.rs
@@ -35,8 +36,10 @@ use crate::{
     upstream::{Upstream, UpstreamBody},
 };
 
+pub mod admit;
 pub mod forward;
 pub mod ingress;
+pub mod metered;
 pub mod observe;
 pub mod respond;
 
@@ -52,6 +55,10 @@ pub fn build(runtime: Arc<Runtime>) -> Stack {
     let stack = ServiceBuilder::new()
         .layer(observe::ObserveLayer::new())
         .layer(ingress::IngressLayer::new(runtime.clone()))
+        .layer(admit::AdmitLayer::new(
+            runtime.limiter.clone(),
+            runtime.config.limits.default_completion_tokens,
+        ))
         .service(forward::Forward::new());
     BoxCloneService::new(stack)
 }
@@ -66,6 +73,9 @@ pub struct ProxyRequest {
     pub body: RequestBody,
     pub caller: Caller,
     pub call: CallSummary,
+    /// The gateway asked the upstream for the stream's usage chunk on the client's
+    /// behalf (`stream_options.include_usage`), so it must be stripped on the way back.
+    pub strip_usage: bool,
     /// The upstreams that may serve it, in preference order; never empty.
     pub upstreams: Vec<Arc<Upstream>>,
     /// `server.request_timeout` after the request arrived: retries and the streamed

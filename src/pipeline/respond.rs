@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body_util::{BodyExt, Full};
 
-use super::{GatewayResponse, ResponseBody};
+use super::{GatewayResponse, ResponseBody, admit};
 use crate::error::GatewayError;
 
 /// What went wrong, for the access log.
@@ -33,7 +33,16 @@ pub fn error_response(error: &GatewayError) -> GatewayResponse {
     });
     let mut response = Response::new(full(Bytes::from(body.to_string())));
     *response.status_mut() = error.status();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    match error {
+        GatewayError::RateLimited { retry_after, snapshot, .. } => {
+            admit::insert_retry_after(headers, *retry_after);
+            admit::insert_ratelimit_headers(headers, snapshot);
+        }
+        GatewayError::NeverFits { snapshot, .. } => admit::insert_ratelimit_headers(headers, snapshot),
+        _ => {}
+    }
     let detail = match error {
         GatewayError::Internal(source) => format!("{message}: {source}"),
         _ => message,

@@ -105,6 +105,12 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
     use crate::error::StartupError;
 
     let runtime = Arc::new(Runtime::new(config)?);
+    if runtime.config.default_limits.tokens_per_minute.is_some()
+        || runtime.config.keys.iter().any(|key| key.limits.tokens_per_minute.is_some())
+    {
+        // Load the BPE tables now, not on the first limited request.
+        crate::openai::tokens::warm_up();
+    }
     let server = &runtime.config.server;
     let bind = |addr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })

@@ -6,6 +6,7 @@ mod errors;
 mod mock_selftest;
 mod openai_sdk;
 mod proxy;
+mod rate_limits;
 mod streaming;
 mod support;
 mod tls;

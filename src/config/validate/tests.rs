@@ -106,6 +106,29 @@ fn limits_are_positive_and_bursts_fit() {
 }
 
 #[test]
+fn limits_settings_are_checked() {
+    assert_eq!(
+        errors("[limits]\nmax_tracked_keys = 0\ndefault_completion_tokens = -1\n"),
+        [
+            "t.toml:2:20: error: `max_tracked_keys` must be at least 1, not 0",
+            "t.toml:3:29: error: `default_completion_tokens` must be 0 or more, not -1",
+        ]
+    );
+    let text = "[limits]\nmax_tracked_keys = 5000000000\ndefault_completion_tokens = 4096\n\
+                [limits.default]\nrequests_per_minute = 60\n";
+    let config = load(text).unwrap();
+    assert_eq!(config.limits.max_tracked_keys.get(), 5_000_000_000);
+    assert_eq!(config.limits.default_completion_tokens, 4096);
+    assert_eq!(config.default_limits.requests_per_minute.map(|r| r.get()), Some(60));
+    assert_eq!(
+        errors("[limits]\nmax_tracked_key = 10\n"),
+        [
+            "t.toml:2:1: error: unknown field `limits.max_tracked_key`\n  = help: did you mean `max_tracked_keys`?"
+        ]
+    );
+}
+
+#[test]
 fn keys_are_checked_and_plaintext_is_hashed_away() {
     let text =
         "[auth]\nmode = \"keys\"\n[[keys]]\nid = \"team\"\nkey = \"${TEAM_KEY}\"\nmodels = [\"gpt-4o*\"]\n";

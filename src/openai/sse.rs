@@ -1,0 +1,450 @@
+//! Streamed responses (`text/event-stream`), read as they are relayed.
+//!
+//! [`EventFramer`] splits a byte stream into Server-Sent Events wherever its frames
+//! happen to be cut; [`StreamWatch`] sits on a chat/completions or completions stream,
+//! records what the gateway needs to know about it (final usage, completion text,
+//! `[DONE]`, finish reason, errors) and, when asked, strips the usage-only chunk the
+//! gateway requested on the client's behalf. Frames pass through uncopied unless a
+//! chunk is stripped from them.
+//!
+//! What the records mean for limits and caching is decided elsewhere; the Responses
+//! API's typed events (`response.completed`) are not read here.
+
+mod chunk;
+mod framer;
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+pub use framer::EventFramer;
+use framer::Piece;
+
+use self::chunk::{Chunk, Text};
+use super::{Usage, tokens};
+
+/// Completion text kept for counting when no usage arrives; past this, bytes are
+/// counted instead (one token per 4).
+pub const KEPT_TEXT_BYTES: usize = 64 * 1024;
+/// An event still incomplete past this size is not SSE the gateway can read: the
+/// watch stops reading and passes the rest of the stream through.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Watches one chat/completions or completions stream on its way to the client.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    framer: EventFramer,
+    strip_usage_chunk: bool,
+    usage: Option<Usage>,
+    text: String,
+    text_bytes: u64,
+    done: bool,
+    finish_reason: Option<Box<str>>,
+    content_filtered: bool,
+    error: bool,
+    gave_up: bool,
+}
+
+impl StreamWatch {
+    /// `strip_usage_chunk`: the gateway asked for usage the client did not, so the
+    /// usage-only chunk must not reach the client.
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        Self { strip_usage_chunk, ..Self::default() }
+    }
+
+    /// Reads one frame and returns what to send the client for it. Without stripping
+    /// that is the frame itself. With stripping it is every complete event so far
+    /// except a usage-only chunk (the last chunk, whose `choices` is empty and which
+    /// carries `usage`); an incomplete trailing event is held until it completes or
+    /// [`finish`](Self::finish) flushes it. The result may be empty.
+    pub fn relay(&mut self, frame: Bytes) -> Bytes {
+        if self.gave_up {
+            return frame;
+        }
+        let mut at = 0;
+        if !self.strip_usage_chunk {
+            while let Some(piece) = self.framer.next_piece(&frame, &mut at) {
+                match piece {
+                    Piece::Framed(range) => self.record(&frame[range]),
+                    Piece::Joined(event) => self.record(&event),
+                };
+            }
+            let _already_sent = self.give_up_if_oversized();
+            return frame;
+        }
+        let mut out = Output::Empty;
+        let mut run: Option<Range<usize>> = None;
+        while let Some(piece) = self.framer.next_piece(&frame, &mut at) {
+            match piece {
+                Piece::Framed(range) => {
+                    let strip = self.record(&frame[range.clone()]);
+                    match &mut run {
+                        Some(open) if !strip && open.end == range.start => open.end = range.end,
+                        _ => {
+                            if let Some(open) = run.take() {
+                                out.push(frame.slice(open));
+                            }
+                            run = (!strip).then_some(range);
+                        }
+                    }
+                }
+                Piece::Joined(event) => {
+                    if !self.record(&event) {
+                        out.push(event);
+                    }
+                }
+            }
+        }
+        if let Some(open) = run {
+            out.push(frame.slice(open));
+        }
+        if let Some(held) = self.give_up_if_oversized() {
+            out.push(held);
+        }
+        out.into_bytes()
+    }
+
+    /// Ends the stream: records an event left without its blank line and returns what
+    /// is still owed to the client (with stripping, that event unless it is the usage
+    /// chunk; without, nothing, as every byte has gone already).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        if self.gave_up {
+            return None;
+        }
+        let tail = self.framer.finish()?;
+        let strip = self.record(&tail);
+        (self.strip_usage_chunk && !strip).then_some(tail)
+    }
+
+    /// The stream's final `usage`, when the upstream sent one.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The completion text seen so far (`choices[].delta.content`, `refusal`,
+    /// `reasoning_content` and tool-call arguments; `choices[].text` for completions),
+    /// kept up to [`KEPT_TEXT_BYTES`].
+    pub fn completion_text(&self) -> &str {
+        &self.text
+    }
+
+    /// The completion tokens to charge: the upstream's usage when it sent one, else the
+    /// kept text counted with `model`'s encoding plus one token per 4 bytes past it.
+    pub fn completion_tokens(&self, model: &str) -> u64 {
+        if let Some(usage) = self.usage {
+            return usage.completion_tokens;
+        }
+        let past_kept = self.text_bytes.saturating_sub(self.text.len() as u64);
+        tokens::count_text(model, &self.text).saturating_add(past_kept.div_ceil(4))
+    }
+
+    /// `data: [DONE]` was seen: the stream was not cut off.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+
+    /// The last non-null `finish_reason` of any choice.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.finish_reason.as_deref()
+    }
+
+    /// Some choice finished with `content_filter`.
+    pub fn content_filtered(&self) -> bool {
+        self.content_filtered
+    }
+
+    /// An `event: error` or a chunk with an `error` object was seen.
+    pub fn error(&self) -> bool {
+        self.error
+    }
+
+    /// An event grew past [`MAX_EVENT_BYTES`]: the stream was passed through unread
+    /// from there on, so the other records are incomplete.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up
+    }
+
+    /// Stops reading once an event outgrows [`MAX_EVENT_BYTES`]; `Some` holds what
+    /// was held back, to send on at once.
+    fn give_up_if_oversized(&mut self) -> Option<Bytes> {
+        if self.framer.buffered() <= MAX_EVENT_BYTES {
+            return None;
+        }
+        self.gave_up = true;
+        self.framer.finish()
+    }
+
+    /// Records one complete event; `true` when it is the usage-only chunk to strip.
+    fn record(&mut self, event: &[u8]) -> bool {
+        let fields = chunk::fields(event);
+        self.error |= fields.error_event;
+        let Some(data) = fields.data else { return false };
+        if &data[..] == b"[DONE]" {
+            self.done = true;
+            return false;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else { return false };
+        self.error |= chunk.error.is_some();
+        let choices = chunk.choices.unwrap_or_default();
+        for choice in &choices {
+            for text in choice.texts() {
+                self.keep_text(text);
+            }
+            if let Some(Text(reason)) = &choice.finish_reason {
+                self.content_filtered |= reason == "content_filter";
+                self.finish_reason = Some(reason.as_ref().into());
+            }
+        }
+        let usage_only = choices.is_empty() && chunk.usage.is_some() && chunk.error.is_none();
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage.into());
+        }
+        usage_only
+    }
+
+    fn keep_text(&mut self, text: &str) {
+        self.text_bytes = self.text_bytes.saturating_add(text.len() as u64);
+        let mut end = KEPT_TEXT_BYTES.saturating_sub(self.text.len()).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.text.push_str(&text[..end]);
+    }
+}
+
+/// What one `relay` call sends: nothing, one slice, or several joined.
+enum Output {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Output {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        *self = match std::mem::replace(self, Output::Empty) {
+            Output::Empty => Output::One(bytes),
+            Output::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + bytes.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&bytes);
+                Output::Many(joined)
+            }
+            Output::Many(mut joined) => {
+                joined.extend_from_slice(&bytes);
+                Output::Many(joined)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Output::Empty => Bytes::new(),
+            Output::One(bytes) => bytes,
+            Output::Many(joined) => joined.freeze(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    const USAGE: Usage = Usage { prompt_tokens: 11, completion_tokens: 5, total_tokens: 16 };
+
+    /// A chat stream: its bytes, each event's end offset and whether stripping drops it.
+    #[derive(Debug)]
+    struct Stream {
+        bytes: Vec<u8>,
+        events: Vec<(usize, bool)>,
+        text: String,
+        finish_reason: Option<&'static str>,
+        usage: bool,
+        done: bool,
+    }
+
+    impl Stream {
+        fn new(
+            deltas: &[String],
+            end: &str,
+            finish_reason: Option<&'static str>,
+            usage: bool,
+            done: bool,
+        ) -> Self {
+            let mut stream = Stream {
+                bytes: Vec::new(),
+                events: Vec::new(),
+                text: deltas.concat(),
+                finish_reason,
+                usage,
+                done,
+            };
+            let mut push = |event: String, strip: bool| {
+                stream.bytes.extend_from_slice(event.as_bytes());
+                stream.events.push((stream.bytes.len(), strip));
+            };
+            let line = &end[..end.len() / 2];
+            push(format!(": keep-alive{line}{line}"), false);
+            for delta in deltas {
+                let chunk = json!({"id": "c", "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": null}], "usage": null});
+                push(format!("data: {chunk}{end}"), false);
+            }
+            if let Some(reason) = finish_reason {
+                let chunk = json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": reason}], "usage": null});
+                push(format!("data: {chunk}{end}"), false);
+            }
+            if usage {
+                let chunk = json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}});
+                push(format!("data: {chunk}{end}"), true);
+            }
+            if done {
+                push(format!("data: [DONE]{end}"), false);
+            }
+            stream
+        }
+
+        /// What a client gets of the first `consumed` bytes when stripping.
+        fn stripped_prefix(&self, consumed: usize) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut start = 0;
+            for &(end, strip) in &self.events {
+                let complete = end < consumed || (end == consumed && self.bytes[end - 1] != b'\r');
+                if !complete {
+                    break;
+                }
+                if !strip {
+                    out.extend_from_slice(&self.bytes[start..end]);
+                }
+                start = end;
+            }
+            out
+        }
+    }
+
+    fn deltas(texts: &[&str]) -> Vec<String> {
+        texts.iter().map(|text| text.to_string()).collect()
+    }
+
+    #[test]
+    fn passes_frames_through_uncopied_when_not_stripping() {
+        let stream = Stream::new(&deltas(&["Hel", "lo"]), "\n\n", Some("stop"), true, true);
+        let frame = Bytes::from(stream.bytes);
+        let mut watch = StreamWatch::new(false);
+        let out = watch.relay(frame.clone());
+        assert_eq!((out.as_ptr(), out.len()), (frame.as_ptr(), frame.len()));
+        assert_eq!(watch.finish(), None);
+        assert_eq!((watch.usage(), watch.completion_text(), watch.done()), (Some(USAGE), "Hello", true));
+        assert_eq!(
+            (watch.finish_reason(), watch.content_filtered(), watch.error()),
+            (Some("stop"), false, false)
+        );
+        assert_eq!(watch.completion_tokens("gpt-4o"), 5, "usage wins over counting");
+    }
+
+    #[test]
+    fn strips_the_usage_chunk_without_copying_the_rest() {
+        let frame = Bytes::from_static(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":5,\"total_tokens\":16}}\n\ndata: [DONE]\n\n",
+        );
+        let mut watch = StreamWatch::new(true);
+        let out = watch.relay(frame.clone());
+        assert_eq!(&out[..], b"data: [DONE]\n\n");
+        assert!(frame.as_ptr_range().contains(&out.as_ptr()), "a slice of the frame");
+        assert_eq!((watch.usage(), watch.done()), (Some(USAGE), true));
+    }
+
+    #[test]
+    fn keeps_empty_choice_chunks_without_usage() {
+        let frame = Bytes::from_static(b"data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n");
+        let mut watch = StreamWatch::new(true);
+        assert_eq!(watch.relay(frame.clone()), frame);
+        let error =
+            Bytes::from_static(b"data: {\"choices\":[],\"usage\":{},\"error\":{\"message\":\"x\"}}\n\n");
+        assert_eq!(watch.relay(error.clone()), error, "an error is the client's to see");
+        assert!(watch.error());
+    }
+
+    #[test]
+    fn records_errors_filters_and_counts_without_usage() {
+        let mut watch = StreamWatch::new(false);
+        watch.relay(Bytes::from_static(
+            b"data: {\"choices\":[{\"text\":\"hello world\",\"finish_reason\":\"content_filter\"}]}\n\n",
+        ));
+        watch.relay(Bytes::from_static(b"event: error\ndata: {\"message\":\"overloaded\"}\n\n"));
+        assert!(watch.content_filtered() && watch.error() && !watch.done());
+        assert_eq!(watch.completion_tokens("gpt-4o"), 2);
+        assert_eq!(watch.completion_tokens("unknown-model"), 3);
+    }
+
+    #[test]
+    fn keeps_text_up_to_its_cap_and_counts_the_rest_by_bytes() {
+        let mut watch = StreamWatch::new(false);
+        let chunk = json!({"choices": [{"delta": {"content": "é".repeat(KEPT_TEXT_BYTES)}}]});
+        watch.relay(Bytes::from(format!("data: {chunk}\n\n")));
+        assert_eq!(watch.completion_text().len(), KEPT_TEXT_BYTES);
+        let past = (KEPT_TEXT_BYTES as u64).div_ceil(4);
+        assert_eq!(watch.completion_tokens("llama"), (KEPT_TEXT_BYTES as u64).div_ceil(4) + past);
+    }
+
+    #[test]
+    fn finish_flushes_an_unterminated_event() {
+        let mut watch = StreamWatch::new(true);
+        assert!(watch.relay(Bytes::from_static(b"data: [DONE]")).is_empty());
+        assert_eq!(watch.finish().as_deref(), Some(&b"data: [DONE]"[..]));
+        assert!(watch.done());
+    }
+
+    #[test]
+    fn passes_an_oversized_event_through_unread() {
+        let mut watch = StreamWatch::new(true);
+        let big = Bytes::from(vec![b'x'; MAX_EVENT_BYTES + 1]);
+        assert_eq!(watch.relay(big.clone()), big);
+        assert!(watch.gave_up());
+        let more = Bytes::from_static(b"data: [DONE]\n\n");
+        assert_eq!(watch.relay(more.clone()), more);
+        assert_eq!(watch.finish(), None);
+    }
+
+    fn stream() -> impl Strategy<Value = Stream> {
+        let deltas = prop::collection::vec("[a-zé \"\\\\\n]{0,6}", 0..10);
+        let end = prop::sample::select(vec!["\n\n", "\r\n\r\n", "\r\r"]);
+        let reason = prop::option::of(prop::sample::select(vec!["stop", "length", "content_filter"]));
+        (deltas, end, reason, any::<bool>(), any::<bool>())
+            .prop_map(|(deltas, end, reason, usage, done)| Stream::new(&deltas, end, reason, usage, done))
+    }
+
+    proptest! {
+        #[test]
+        fn relays_the_same_wherever_the_stream_is_split(
+            stream in stream(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..16),
+            strip in any::<bool>(),
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut.index(stream.bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut watch = StreamWatch::new(strip);
+            let mut out = Vec::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain([stream.bytes.len()]) {
+                out.extend_from_slice(&watch.relay(Bytes::copy_from_slice(&stream.bytes[start..cut])));
+                start = cut;
+                if strip {
+                    prop_assert_eq!(&out, &stream.stripped_prefix(cut), "no complete event is held back");
+                }
+            }
+            out.extend(watch.finish().as_deref().unwrap_or_default());
+            let expected = if strip { stream.stripped_prefix(usize::MAX) } else { stream.bytes.clone() };
+            prop_assert_eq!(out, expected);
+            prop_assert_eq!(watch.completion_text(), stream.text.as_str());
+            prop_assert_eq!(watch.usage(), stream.usage.then_some(USAGE));
+            prop_assert_eq!(watch.done(), stream.done);
+            prop_assert_eq!(watch.finish_reason(), stream.finish_reason);
+            prop_assert_eq!(watch.content_filtered(), stream.finish_reason == Some("content_filter"));
+            prop_assert!(!watch.error());
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The response body of an admitted request: relays it frame by frame while watching
+//! for the real token usage, then settles the caller's token estimate and gives back
+//! its concurrency slot.
+//!
+//! Settling happens exactly once: when the body ends, when it fails, or when it is
+//! dropped unfinished (the client went away). Usage comes from the response's `usage`
+//! (a JSON body's, or a stream's final usage chunk); a stream without one is counted
+//! from its text. A usage chunk the gateway asked for on the client's behalf
+//! (`stream_options.include_usage`) is stripped here before the client sees it.
+//! Responses that are not 2xx cost no tokens.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+};
+
+use bytes::Bytes;
+use http::header;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use super::{GatewayResponse, ResponseBody};
+use crate::{
+    error::BoxError,
+    limit::{BucketKey, Limiter, Permit, Quota},
+    openai::{self, sse::StreamWatch, tokens},
+};
+
+/// JSON bodies larger than this are not kept for their `usage` (the estimate stands).
+const MAX_USAGE_BODY: usize = 8 << 20;
+
+/// An admitted request's claim on its caller's buckets, to be settled once.
+pub struct Settlement {
+    pub limiter: Arc<dyn Limiter>,
+    pub key: BucketKey,
+    pub quota: Quota,
+    pub estimate: tokens::TokenEstimate,
+    pub permit: Permit,
+}
+
+impl Settlement {
+    /// Gives the whole estimate back (nothing reached a model) and frees the slot.
+    pub fn refund(self) {
+        self.settle(0);
+    }
+
+    /// Charges `actual` tokens instead of the estimate, and frees the slot.
+    fn settle(self, actual: u64) {
+        let delta = actual as i64 - self.estimate.total() as i64;
+        drop(self.permit);
+        if delta == 0 || self.quota.tokens_per_minute.is_none() {
+            return;
+        }
+        let (limiter, key, quota) = (self.limiter, self.key, self.quota);
+        let mut settling = Box::pin(async move {
+            if let Err(error) = limiter.settle(&key, &quota, delta).await {
+                tracing::warn!(%error, "could not settle token usage");
+            }
+        });
+        // The local limiter settles at once, so the next request of this caller
+        // already sees it; a remote one finishes in the background.
+        if settling.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+            tokio::spawn(settling);
+        }
+    }
+}
+
+/// What the body is, for finding its usage.
+enum Watch {
+    /// `text/event-stream`: events watched (and the usage chunk stripped) as they pass.
+    Stream(Box<StreamWatch>),
+    /// JSON: frames kept (reference-counted, not copied) to read `usage` at the end.
+    Json { frames: Vec<Bytes>, len: usize },
+    /// Anything else: no usage to find, the estimate stands.
+    Opaque,
+    /// An error status: no tokens were spent.
+    Free,
+}
+
+/// The settling, usage-watching response body.
+pub struct Metered {
+    body: ResponseBody,
+    watch: Watch,
+    settlement: Option<Settlement>,
+    model: String,
+    /// A held-back tail to send after the inner body ended.
+    tail: Option<Bytes>,
+}
+
+impl Metered {
+    /// Wraps `response`'s body. `strip_usage`: the client did not ask for the stream's
+    /// usage chunk, the gateway did.
+    pub fn wrap(
+        response: GatewayResponse,
+        settlement: Option<Settlement>,
+        model: Option<String>,
+        strip_usage: bool,
+    ) -> GatewayResponse {
+        let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
+        let essence = content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim();
+        let watch = if !response.status().is_success() {
+            Watch::Free
+        } else if essence.eq_ignore_ascii_case("text/event-stream") {
+            Watch::Stream(Box::new(StreamWatch::new(strip_usage)))
+        } else if essence.eq_ignore_ascii_case("application/json") {
+            Watch::Json { frames: Vec::new(), len: 0 }
+        } else {
+            Watch::Opaque
+        };
+        let model = model.unwrap_or_default();
+        response.map(|body| Self { body, watch, settlement, model, tail: None }.boxed_unsync())
+    }
+
+    /// Settles with the best usage known now.
+    fn finish(&mut self, complete: bool) {
+        let Some(settlement) = self.settlement.take() else { return };
+        let actual = match &mut self.watch {
+            Watch::Stream(watch) => match watch.usage() {
+                Some(usage) => usage.total_tokens,
+                None => settlement.estimate.prompt + tokens::count_text(&self.model, watch.completion_text()),
+            },
+            Watch::Json { frames, .. } if complete => {
+                let body: Vec<u8> = frames.concat();
+                openai::usage_from_json(&body).map_or(settlement.estimate.total(), |usage| usage.total_tokens)
+            }
+            Watch::Free => 0,
+            _ => settlement.estimate.total(),
+        };
+        settlement.settle(actual);
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(tail) = this.tail.take() {
+                return Poll::Ready(Some(Ok(Frame::data(tail))));
+            }
+            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    if let Watch::Stream(watch) = &mut this.watch
+                        && let Some(tail) = watch.finish()
+                    {
+                        this.tail = Some(tail);
+                        this.finish(true);
+                        continue;
+                    }
+                    this.finish(true);
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => match &mut this.watch {
+                    Watch::Stream(watch) => {
+                        let relayed = watch.relay(data);
+                        if relayed.is_empty() {
+                            continue;
+                        }
+                        Frame::data(relayed)
+                    }
+                    Watch::Json { frames, len } => {
+                        *len += data.len();
+                        if *len <= MAX_USAGE_BODY {
+                            frames.push(data.clone());
+                        }
+                        Frame::data(data)
+                    }
+                    Watch::Opaque | Watch::Free => Frame::data(data),
+                },
+                Err(trailers) => trailers,
+            };
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.tail.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.watch {
+            // Stripping may shorten a stream.
+            Watch::Stream(_) => SizeHint::default(),
+            _ => self.body.size_hint(),
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        let complete = self.body.is_end_stream();
+        self.finish(complete);
+    }
+}
