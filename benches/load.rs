@@ -122,6 +122,29 @@ fn process_cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// Runs each URL in turn for `rounds` slices of `duration / rounds`, so that drift in
+/// the machine's load hits every scenario alike; one merged report per URL.
+async fn interleaved(urls: &[&String], concurrency: usize, duration: Duration, rounds: u32) -> Vec<Report> {
+    let mut reports: Vec<Report> = urls
+        .iter()
+        .map(|_| Report { requests: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new(), cpu: Duration::ZERO })
+        .collect();
+    for _ in 0..rounds {
+        for (url, total) in urls.iter().zip(reports.iter_mut()) {
+            let slice = drive((*url).clone(), concurrency, duration / rounds).await;
+            total.requests += slice.requests;
+            total.errors += slice.errors;
+            total.elapsed += slice.elapsed;
+            total.cpu += slice.cpu;
+            total.latencies.extend(slice.latencies);
+        }
+    }
+    for report in &mut reports {
+        report.latencies.sort_unstable();
+    }
+    reports
+}
+
 fn print(name: &str, report: &Report) {
     println!(
         "{name:<16} {:>8.0} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms   {:>6.1} µs CPU/req   ({} requests, {} errors)",
@@ -148,6 +171,25 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
 }
 
+/// Starts a gateway in front of `mock` with `extra` config, returning its chat URL.
+async fn gateway(mock: &upstream::MockHandle, extra: &str) -> String {
+    let config = format!(
+        "[server]\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n{extra}",
+        mock.base_url()
+    );
+    let config =
+        spillway::config::load_str(&config, "bench.toml", |_| None, &Default::default()).expect("bench config");
+    let runtime = Arc::new(spillway::runtime::Runtime::new(config).expect("runtime"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(spillway::server::serve(listener, runtime, std::future::pending()));
+    format!("http://{addr}/v1/chat/completions")
+}
+
+/// Limits that every request passes, so the cost measured is the limiting itself:
+/// requests and tokens buckets, BPE prompt count, settling, a concurrency slot.
+const LIMITS: &str = "[limits.default]\nrequests_per_minute = 100000000\ntokens_per_minute = 2000000000\nmax_concurrent = 100000\n";
+
 fn main() {
     // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then.
     if !std::env::args().any(|arg| arg == "--bench") {
@@ -157,31 +199,30 @@ fn main() {
     let duration = Duration::from_secs(env_or("LOAD_SECONDS", 5));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async move {
+        spillway::openai::tokens::warm_up();
         let mock = upstream::MockUpstream::new().start().await;
-        let config = format!(
-            "[server]\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
-            mock.base_url()
-        );
-        let config = spillway::config::load_str(&config, "bench.toml", |_| None, &Default::default())
-            .expect("bench config");
-        let runtime = Arc::new(spillway::runtime::Runtime::new(config).expect("runtime"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gateway = listener.local_addr().expect("addr");
-        tokio::spawn(spillway::server::serve(listener, runtime, std::future::pending()));
-
         let direct_url = format!("{}/chat/completions", mock.base_url());
-        let gateway_url = format!("http://{gateway}/v1/chat/completions");
-        // Warm both paths (connections, allocator) before measuring.
-        drive(direct_url.clone(), clients, Duration::from_millis(500)).await;
-        drive(gateway_url.clone(), clients, Duration::from_millis(500)).await;
+        let plain_url = gateway(&mock, "").await;
+        let limited_url = gateway(&mock, LIMITS).await;
+        // Warm every path (connections, allocator) before measuring.
+        for url in [&direct_url, &plain_url, &limited_url] {
+            drive(url.clone(), clients, Duration::from_millis(500)).await;
+        }
 
         for concurrency in [1, clients] {
             println!("\n{concurrency} keep-alive client(s), {duration:?} each, chat completion JSON, mock answers at once");
-            let direct = drive(direct_url.clone(), concurrency, duration).await;
-            let proxied = drive(gateway_url.clone(), concurrency, duration).await;
+            let mut reports = interleaved(&[&direct_url, &plain_url, &limited_url], concurrency, duration, 5).await;
+            let (limited, proxied, direct) =
+                (reports.pop().expect("3"), reports.pop().expect("3"), reports.pop().expect("3"));
             print("direct to mock", &direct);
             print("through gateway", &proxied);
+            print("  + limits on", &limited);
             compare(&direct, &proxied);
+            println!(
+                "limits cost      {:>8.1}% throughput   +{:.1} µs CPU/req",
+                (1.0 - limited.rps() / proxied.rps()) * 100.0,
+                (limited.cpu_per_request().as_secs_f64() - proxied.cpu_per_request().as_secs_f64()) * 1e6,
+            );
         }
     });
 }

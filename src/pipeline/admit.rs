@@ -29,6 +29,9 @@ use crate::{
     openai::tokens,
 };
 
+/// Request bodies larger than this are counted on the blocking pool.
+const BLOCKING_ESTIMATE: usize = 64 * 1024;
+
 #[derive(Clone)]
 pub struct AdmitLayer {
     limiter: Arc<dyn Limiter>,
@@ -84,6 +87,13 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
                 });
             }
             let estimate = match (&request.body, &request.call.model, quota.tokens_per_minute) {
+                (RequestBody::Buffered(body), Some(model), Some(_)) if body.len() > BLOCKING_ESTIMATE => {
+                    // About 1 ms of BPE per 64 KiB: keep it off the I/O workers.
+                    let (model, body) = (model.clone(), body.clone());
+                    tokio::task::spawn_blocking(move || tokens::estimate(&model, &body, default_completion))
+                        .await
+                        .map_err(|error| GatewayError::Internal(error.into()))?
+                }
                 (RequestBody::Buffered(body), Some(model), Some(_)) => {
                     tokens::estimate(model, body, default_completion)
                 }

@@ -265,3 +265,27 @@ async fn the_openai_sdks_own_backoff_gets_in_after_retry_after() {
     }
     assert_eq!(upstream.calls(), 2, "refused attempts must not reach the upstream");
 }
+
+#[tokio::test]
+async fn a_stream_is_charged_its_real_usage_when_it_ends() {
+    let upstream = MockUpstream::new().start().await;
+    // One token a second: refill cannot blur the arithmetic below.
+    let limits = "[limits.default]\ntokens_per_minute = 60\n";
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), limits)).await;
+    let client = http();
+    let send = |stream: bool| {
+        let body = json!({"model": "gpt-4o", "messages": [], "stream": stream});
+        client.post(gateway.url("/v1/chat/completions")).bearer_auth("sk-caller").json(&body).send()
+    };
+
+    // Admitted on its estimate: 3 tokens (reply priming), no completion allowance.
+    let stream = send(true).await.expect("answer");
+    assert_eq!(number(&stream, "x-ratelimit-remaining-tokens"), 57);
+    stream.bytes().await.expect("stream ends");
+
+    // Settled to the usage chunk's total, 11: 8 more than estimated.
+    let next = send(false).await.expect("answer");
+    let remaining = number(&next, "x-ratelimit-remaining-tokens");
+    let used = (PROMPT_TOKENS + COMPLETION_TOKENS) as i64;
+    assert!((60 - used - 3..=60 - used - 3 + 2).contains(&remaining), "{remaining}");
+}
