@@ -127,7 +127,13 @@ fn process_cpu() -> Duration {
 async fn interleaved(urls: &[&String], concurrency: usize, duration: Duration, rounds: u32) -> Vec<Report> {
     let mut reports: Vec<Report> = urls
         .iter()
-        .map(|_| Report { requests: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new(), cpu: Duration::ZERO })
+        .map(|_| Report {
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+            cpu: Duration::ZERO,
+        })
         .collect();
     for _ in 0..rounds {
         for (url, total) in urls.iter().zip(reports.iter_mut()) {
@@ -177,8 +183,8 @@ async fn gateway(mock: &upstream::MockHandle, extra: &str) -> String {
         "[server]\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n{extra}",
         mock.base_url()
     );
-    let config =
-        spillway::config::load_str(&config, "bench.toml", |_| None, &Default::default()).expect("bench config");
+    let config = spillway::config::load_str(&config, "bench.toml", |_| None, &Default::default())
+        .expect("bench config");
     let runtime = Arc::new(spillway::runtime::Runtime::new(config).expect("runtime"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -164,7 +164,7 @@ fn log_startup(runtime: &Runtime, listener: &TcpListener, admin: Option<std::net
         auth = ?config.auth,
         keys = runtime.keys.len(),
         cache = "off",
-        limiter = "off",
+        limiter = "memory",
         version = env!("CARGO_PKG_VERSION"),
         "spillway started"
     );
