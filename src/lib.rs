@@ -12,6 +12,8 @@
 //! - [`upstream`]: upstream pools, routing by model, header hygiene.
 //! - [`auth`]: identifying the caller by key hash.
 //! - [`limit`]: per-key requests, tokens and concurrency limits behind one trait.
+//! - [`cache`]: response cache keys (canonical JSON + SHA-256) and stores behind one
+//!   trait.
 //! - [`openai`]: the few fields of OpenAI's wire format the gateway reads.
 //! - [`error`]: gateway errors and the table mapping them to status and code.
 //! - [`secret`]: redacted secret types; [`runtime`]: state built from one config.
@@ -27,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;

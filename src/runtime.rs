@@ -6,11 +6,15 @@ use std::sync::Arc;
 
 use crate::{
     auth::KeyTable,
+    cache::{CacheStore, memory::MemoryStore},
     config::Config,
     error::StartupError,
     limit::{Limiter, local::LocalLimiter},
     upstream::UpstreamSet,
 };
+
+/// Entries heavier than 1/8 of `cache.max_size` are not stored.
+const MAX_ENTRY_DIVISOR: std::num::NonZeroU64 = std::num::NonZeroU64::new(8).unwrap();
 
 pub struct Runtime {
     pub config: Arc<Config>,
@@ -18,17 +22,29 @@ pub struct Runtime {
     pub keys: KeyTable,
     /// Kept across reloads: buckets of keys whose limits did not change live on.
     pub limiter: Arc<dyn Limiter>,
+    /// `None` when `cache.enabled = false`.
+    pub cache: Option<Arc<dyn CacheStore>>,
 }
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Self, StartupError> {
         let limiter = Arc::new(LocalLimiter::new(config.limits.max_tracked_keys.get()));
-        Self::with_limiter(config, limiter)
+        let cache = config.cache.enabled.then(|| {
+            Arc::new(MemoryStore::new(config.cache.max_size.as_u64(), MAX_ENTRY_DIVISOR))
+                as Arc<dyn CacheStore>
+        });
+        Self::with_state(config, limiter, cache)
     }
 
-    /// A runtime for `config` that keeps using `limiter` (a reload's carry-over).
-    pub fn with_limiter(config: Config, limiter: Arc<dyn Limiter>) -> Result<Self, StartupError> {
+    /// A runtime for `config` that keeps using `limiter` and `cache` (a reload's
+    /// carry-over).
+    pub fn with_state(
+        config: Config,
+        limiter: Arc<dyn Limiter>,
+        cache: Option<Arc<dyn CacheStore>>,
+    ) -> Result<Self, StartupError> {
         Ok(Self {
+            cache,
             upstreams: UpstreamSet::new(&config.upstreams)?,
             keys: KeyTable::new(&config.keys, &config.default_limits),
             limiter,

@@ -60,6 +60,11 @@ impl KeyHash {
         self.0.ct_eq(&other.0).into()
     }
 
+    /// The digest itself (cache keys hash it).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The first 8 hex digits: the `key` label of a passthrough key.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..4])

@@ -7,7 +7,7 @@
 //! (a JSON body's, or a stream's final usage chunk); a stream without one is counted
 //! from its text. A usage chunk the gateway asked for on the client's behalf
 //! (`stream_options.include_usage`) is stripped here before the client sees it.
-//! Responses that are not 2xx cost no tokens.
+//! Responses that are not 2xx, and cache hits, cost no tokens.
 
 use std::{
     future::Future,
@@ -21,7 +21,7 @@ use http::header;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::{GatewayResponse, ResponseBody};
+use super::{GatewayResponse, ResponseBody, cache::CacheStatus};
 use crate::{
     error::BoxError,
     limit::{BucketKey, Limiter, Permit, Quota},
@@ -87,6 +87,8 @@ pub struct Metered {
     model: String,
     /// A held-back tail to send after the inner body ended.
     tail: Option<Bytes>,
+    /// A cache hit: no tokens were spent upstream.
+    free: bool,
 }
 
 impl Metered {
@@ -100,6 +102,7 @@ impl Metered {
     ) -> GatewayResponse {
         let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
         let essence = content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim();
+        let hit = response.extensions().get::<CacheStatus>() == Some(&CacheStatus::Hit);
         let watch = if !response.status().is_success() {
             Watch::Free
         } else if essence.eq_ignore_ascii_case("text/event-stream") {
@@ -110,13 +113,14 @@ impl Metered {
             Watch::Opaque
         };
         let model = model.unwrap_or_default();
-        response.map(|body| Self { body, watch, settlement, model, tail: None }.boxed_unsync())
+        response.map(|body| Self { body, watch, settlement, model, tail: None, free: hit }.boxed_unsync())
     }
 
     /// Settles with the best usage known now.
     fn finish(&mut self, complete: bool) {
         let Some(settlement) = self.settlement.take() else { return };
         let actual = match &mut self.watch {
+            _ if self.free => 0,
             Watch::Stream(watch) => match watch.usage() {
                 Some(usage) => usage.total_tokens,
                 None => settlement.estimate.prompt + tokens::count_text(&self.model, watch.completion_text()),

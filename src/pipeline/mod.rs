@@ -7,7 +7,7 @@
 //!              ⇒ ProxyRequest; gateway errors → OpenAI JSON        respond.rs
 //! S2 admit     concurrency slot + request + token estimate, or 429  admit.rs
 //!              (the response body settles the estimate at its end)  metered.rs
-//! S3 cache     (lookup / coalesce / store)                          later
+//! S3 cache     lookup → coalesce identical misses → capture, store  cache.rs
 //! S4 retry     (attempts, backoff, failover)                        later
 //! S5 forward   header hygiene, credentials, send, per-attempt       forward.rs
 //!              timeout, relay the response as it arrives
@@ -37,6 +37,7 @@ use crate::{
 };
 
 pub mod admit;
+pub mod cache;
 pub mod forward;
 pub mod ingress;
 pub mod metered;
@@ -59,6 +60,7 @@ pub fn build(runtime: Arc<Runtime>) -> Stack {
             runtime.limiter.clone(),
             runtime.config.limits.default_completion_tokens,
         ))
+        .layer(cache::CacheLayer::new(runtime.cache.clone(), runtime.config.cache.clone()))
         .service(forward::Forward::new());
     BoxCloneService::new(stack)
 }

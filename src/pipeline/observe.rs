@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::{GatewayResponse, ResponseBody, respond::Failure};
+use super::{GatewayResponse, ResponseBody, cache::CacheStatus, respond::Failure};
 use crate::{error::BoxError, secret::KeyId};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -149,6 +149,7 @@ struct AccessLine {
     exchange: Exchange,
     upstream: Option<UpstreamOutcome>,
     failure: Option<Failure>,
+    cache: Option<CacheStatus>,
     /// Time to the response head spent in the gateway itself (upstream wait excluded).
     overhead: Duration,
     body_bytes: u64,
@@ -161,6 +162,7 @@ impl AccessLine {
         self.exchange = extensions.remove().unwrap_or_default();
         self.upstream = extensions.remove();
         self.failure = extensions.remove();
+        self.cache = extensions.remove();
         let to_head = self.started.map(|started| started.elapsed()).unwrap_or_default();
         let waited = self.upstream.as_ref().map(|outcome| outcome.wait).unwrap_or_default();
         self.overhead = to_head.saturating_sub(waited);
@@ -186,7 +188,7 @@ impl AccessLine {
                     model,
                     upstream,
                     attempts,
-                    cache = "-",
+                    cache = self.cache.map_or("-", CacheStatus::as_str),
                     error,
                     body_bytes = self.body_bytes,
                     overhead_ms = self.overhead.as_secs_f64() * 1000.0,

@@ -1,6 +1,7 @@
 //! Integration tests: one crate, so the gateway and its dependencies link once.
 
 mod admin;
+mod cache;
 mod cli;
 mod errors;
 mod mock_selftest;

@@ -40,24 +40,24 @@ async fn error_type(response: reqwest::Response) -> (u16, String, String) {
 #[tokio::test]
 async fn a_key_gets_its_burst_then_429_then_gets_in_after_retry_after() {
     let upstream = MockUpstream::new().start().await;
-    // 600/min refills one request every 100 ms; a burst of 3 is the bucket's size.
-    let limits = "[limits.default]\nrequests_per_minute = 600\nburst_requests = 3\n";
+    // 60/min refills one request a second; a burst of 3 is the bucket's size.
+    let limits = "[limits.default]\nrequests_per_minute = 60\nburst_requests = 3\n";
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), limits)).await;
 
     for expected_remaining in [2, 1, 0] {
         let response = gateway.chat("gpt-4o", false).await;
         assert_eq!(response.status(), 200);
-        assert_eq!(number(&response, "x-ratelimit-limit-requests"), 600);
+        assert_eq!(number(&response, "x-ratelimit-limit-requests"), 60);
         assert_eq!(number(&response, "x-ratelimit-remaining-requests"), expected_remaining);
     }
     let refused = gateway.chat("gpt-4o", false).await;
     assert_eq!(refused.status(), 429);
     assert_eq!(upstream.calls(), 3, "a refused request must not reach the upstream");
     let wait = Duration::from_millis(number(&refused, "retry-after-ms") as u64);
-    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
     assert_eq!(header(&refused, "retry-after"), "1");
     assert_eq!(number(&refused, "x-ratelimit-remaining-requests"), 0);
-    assert!(header(&refused, "x-ratelimit-reset-requests").ends_with("ms"));
+    assert!(header(&refused, "x-ratelimit-reset-requests").ends_with('s'));
     assert_eq!(error_type(refused).await, (429, "requests".into(), "rate_limit_exceeded".into()));
 
     tokio::time::sleep(wait).await;

@@ -76,7 +76,10 @@ pub fn load(toml: &str) -> config::Config {
 }
 
 /// A config with one upstream at `base_url` serving every model, plus `extra` TOML.
+/// The cache is off unless `extra` has a `[cache]` table, so that tests of other
+/// stages see every request reach the upstream.
 pub fn config_for(base_url: &str, extra: &str) -> String {
+    let cache = if extra.contains("[cache]") { "" } else { "\n[cache]\nenabled = false\n" };
     format!(
         r#"
 [server]
@@ -87,7 +90,7 @@ admin_listen = ""
 name = "mock"
 base_url = "{base_url}"
 {extra}
-"#
+{cache}"#
     )
 }
 

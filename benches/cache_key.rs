@@ -1,0 +1,179 @@
+//! Cache key bench: canonical JSON + SHA-256 of a realistic chat request body, next
+//! to a naive baseline (parse into a `serde_json::Value`, write it back out, hash),
+//! at 4 KiB and 64 KiB. The naive baseline sorts keys too, but rounds numbers
+//! through `f64`, which is why the cache does not use it.
+//!
+//! It also prints what a cached entry costs beyond its body: the bookkeeping
+//! `CachedResponse::weight` charges, and what moka itself takes per entry (resident
+//! set growth over 100k small entries).
+//!
+//! `cargo bench --bench cache_key`
+
+use std::{hint::black_box, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::{Value, json};
+use spillway::{
+    cache::{
+        CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Scope,
+        key::canonical_json,
+        memory::{DEFAULT_MAX_ENTRY_DIVISOR, MemoryStore},
+    },
+    limit::BucketKey,
+    secret::KeyId,
+};
+
+/// The release binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const ENTRIES: u64 = 100_000;
+
+fn identity(body_len: usize) -> RequestIdentity {
+    RequestIdentity {
+        scope: Scope::Key(BucketKey::Configured(KeyId::new("team-search"))),
+        method: Method::POST,
+        path: "/v1/chat/completions".to_owned(),
+        stream: false,
+        body_len,
+    }
+}
+
+/// A chat request as an SDK sends it (compact, in its own field order), grown with
+/// conversation turns to about `size` bytes: prose with quotes, newlines and
+/// non-ASCII text, a tool schema, and the usual sampling parameters.
+fn chat_body(size: usize) -> Vec<u8> {
+    let turn = "Summarise the \"quarterly\" report for the café team.\nKeep it short: \
+                three bullet points, no more than 20 words each, and mention the 0.70 ratio.";
+    let mut messages =
+        vec![json!({"role": "system", "content": "You are a careful assistant. Answer in English."})];
+    let body = |messages: &Vec<Value>| {
+        serde_json::to_vec(&json!({
+            "model": "gpt-4o-mini",
+            "messages": messages,
+            "temperature": 0.70,
+            "top_p": 1,
+            "max_tokens": 512,
+            "stream": false,
+            "tools": [{"type": "function", "function": {
+                "name": "lookup_report",
+                "description": "Fetch a report by quarter",
+                "parameters": {"type": "object", "required": ["quarter"],
+                    "properties": {"quarter": {"type": "string", "enum": ["Q1", "Q2", "Q3", "Q4"]}}}
+            }}],
+            "response_format": {"type": "text"},
+            "user": "user-1234"
+        }))
+        .expect("a value serializes")
+    };
+    while body(&messages).len() < size {
+        let role = if messages.len() % 2 == 1 { "user" } else { "assistant" };
+        messages.push(json!({"role": role, "content": format!("{turn} (turn {})", messages.len())}));
+    }
+    body(&messages)
+}
+
+fn key_of(body: &[u8]) -> CacheKey {
+    let canonical = canonical_json(body).expect("the bench bodies are JSON");
+    CacheKey::new(&identity(canonical.len()), &canonical)
+}
+
+fn naive_key_of(body: &[u8]) -> CacheKey {
+    let value: Value = serde_json::from_slice(body).expect("the bench bodies are JSON");
+    let written = serde_json::to_vec(&value).expect("a value serializes");
+    CacheKey::new(&identity(written.len()), &written)
+}
+
+fn cache_key(c: &mut Criterion) {
+    print_entry_overhead();
+    let mut group = c.benchmark_group("cache_key");
+    for size in [4 * 1024, 64 * 1024] {
+        let body = chat_body(size);
+        let label = format!("{} KiB", size / 1024);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("canonical + sha256", &label), &body, |b, body| {
+            b.iter(|| key_of(black_box(body)))
+        });
+        group.bench_with_input(
+            BenchmarkId::new("naive Value round trip + sha256", &label),
+            &body,
+            |b, body| b.iter(|| naive_key_of(black_box(body))),
+        );
+        group.bench_with_input(BenchmarkId::new("sha256 only", &label), &body, |b, body| {
+            b.iter(|| CacheKey::new(&identity(body.len()), black_box(body)))
+        });
+    }
+    group.finish();
+}
+
+/// Bytes an entry is charged beyond its body, and what moka really takes per entry.
+fn print_entry_overhead() {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert("openai-model", HeaderValue::from_static("gpt-4o-mini-2024-07-18"));
+    headers.insert("openai-processing-ms", HeaderValue::from_static("412"));
+    let response = |body: CachedBody| CachedResponse {
+        identity: identity(2048),
+        status: StatusCode::OK,
+        headers: headers.clone(),
+        body,
+        ttl: Duration::from_secs(3600),
+    };
+    let full = response(CachedBody::Full(Bytes::from(vec![b'x'; 1500])));
+    let frames = response(CachedBody::Events(vec![Bytes::from(vec![b'x'; 120]); 60]));
+    for (name, entry) in [("full body", &full), ("stream of 60 events", &frames)] {
+        println!(
+            "weight: {name}: {} bytes charged beyond the {}-byte body",
+            entry.weight() - entry.body.len(),
+            entry.body.len()
+        );
+    }
+
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
+    let store = MemoryStore::new(1 << 30, DEFAULT_MAX_ENTRY_DIVISOR);
+    let before = resident_bytes();
+    let values: Vec<_> = (0..ENTRIES)
+        .map(|_| {
+            Arc::new(CachedResponse {
+                identity: identity(2),
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body: CachedBody::Full(Bytes::from_static(b"{}")),
+                ttl: Duration::from_secs(3600),
+            })
+        })
+        .collect();
+    let built = resident_bytes();
+    runtime.block_on(async {
+        for (n, value) in (0..ENTRIES).zip(&values) {
+            let _ = store.put(key_of(n.to_string().as_bytes()), Arc::clone(value)).await;
+        }
+    });
+    let stored = runtime.block_on(store.entry_count());
+    let after = resident_bytes();
+    if let (Some(before), Some(built), Some(after)) = (before, built, after) {
+        println!(
+            "memory: {} bytes per small entry value (CachedResponse, Arc, path), {} bytes per entry in moka \
+             (key, node, indexes; resident set growth over {stored} entries)",
+            built.saturating_sub(before) / ENTRIES,
+            after.saturating_sub(built) / stored.max(1),
+        );
+    }
+    drop(values);
+}
+
+/// The process's resident set size, where `/proc` tells it.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = cache_key
+}
+criterion_main!(benches);

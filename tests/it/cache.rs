@@ -1,0 +1,227 @@
+//! The response cache from the outside: hits, keys, scopes, controls, streams,
+//! coalescing, and what is never stored.
+
+use std::time::Duration;
+
+use futures_util::{StreamExt, future::join_all};
+use serde_json::{Value, json};
+
+use crate::support::{
+    gateway::{TestGateway, config_for, http},
+    upstream::{MockUpstream, Reply},
+};
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// The cache as configured by default, on.
+const CACHE_ON: &str = "[cache]\nenabled = true\n";
+
+fn chat_body() -> Value {
+    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0})
+}
+
+async fn send(gateway: &TestGateway, key: &str, body: &Value, headers: &[(&str, &str)]) -> (String, String) {
+    let mut request = http().post(gateway.url(CHAT)).bearer_auth(key).json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("gateway answers");
+    assert_eq!(response.status(), 200);
+    let cache = response.headers().get("x-spillway-cache").map(|v| v.to_str().unwrap_or_default().to_owned());
+    let text = response.text().await.expect("body");
+    (cache.unwrap_or_default(), text)
+}
+
+#[tokio::test]
+async fn a_repeated_request_is_a_hit_and_the_upstream_is_called_once() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    let (first, miss_body) = send(&gateway, "sk-a", &chat_body(), &[]).await;
+    let (second, hit_body) = send(&gateway, "sk-a", &chat_body(), &[]).await;
+
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
+    assert_eq!(hit_body, miss_body);
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn key_order_and_whitespace_do_not_matter() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let spaced = "{ \"temperature\" : 0.0 ,\n \"messages\": [ {\"content\":\"hi\", \"role\":\"user\"} ], \"model\":\"gpt-4o\" }";
+
+    send(&gateway, "sk-a", &chat_body(), &[]).await;
+    let response = http()
+        .post(gateway.url(CHAT))
+        .bearer_auth("sk-a")
+        .header("content-type", "application/json")
+        .body(spaced)
+        .send()
+        .await
+        .expect("answer");
+
+    assert_eq!(response.headers()["x-spillway-cache"], "hit");
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn key_scope_never_serves_one_key_anothers_answer_and_global_shares() {
+    let upstream = MockUpstream::new().start().await;
+    let per_key = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let global = TestGateway::start(&config_for(&upstream.base_url(), "[cache]\nscope = \"global\"\n")).await;
+
+    send(&per_key, "sk-a", &chat_body(), &[]).await;
+    assert_eq!(send(&per_key, "sk-b", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(send(&per_key, "sk-a", &chat_body(), &[]).await.0, "hit");
+
+    send(&global, "sk-a", &chat_body(), &[]).await;
+    assert_eq!(send(&global, "sk-b", &chat_body(), &[]).await.0, "hit");
+}
+
+#[tokio::test]
+async fn no_store_bypasses_and_no_cache_refreshes() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[("cache-control", "no-store")]).await.0, "bypass");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss", "no-store wrote an entry");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[("cache-control", "no-store")]).await.0, "bypass");
+
+    let (status, refreshed) = send(&gateway, "sk-a", &chat_body(), &[("cache-control", "no-cache")]).await;
+    assert_eq!(status, "miss");
+    assert_eq!(upstream.calls(), 4);
+    let (status, body) = send(&gateway, "sk-a", &chat_body(), &[]).await;
+    assert_eq!((status.as_str(), body), ("hit", refreshed), "no-cache did not refresh the entry");
+}
+
+#[tokio::test]
+async fn a_per_request_ttl_expires_the_entry() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    send(&gateway, "sk-a", &chat_body(), &[("x-spillway-cache-ttl", "1")]).await;
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+    // The entry lives one second; a real wait is the only way to see moka's clock move.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+}
+
+#[tokio::test]
+async fn streams_are_replayed_byte_for_byte_and_never_share_with_non_streams() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let mut streamed = chat_body();
+    streamed["stream"] = json!(true);
+
+    let (first, live) = send(&gateway, "sk-a", &streamed, &[]).await;
+    let (second, replayed) = send(&gateway, "sk-a", &streamed, &[]).await;
+    assert_eq!((first.as_str(), second.as_str()), ("miss", "hit"));
+    assert_eq!(replayed, live);
+    assert!(replayed.ends_with("data: [DONE]\n\n") && !replayed.contains("\"usage\":{"), "{replayed}");
+
+    // A client that asks for usage gets the recorded usage chunk on a hit.
+    let mut with_usage = streamed.clone();
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let (status, text) = send(&gateway, "sk-a", &with_usage, &[]).await;
+    assert_eq!(status, "hit");
+    assert!(text.contains("\"usage\":{"), "{text}");
+
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn cut_streams_and_errors_are_not_stored() {
+    let upstream = MockUpstream::new()
+        .reply(Reply::openai().reset_after(2))
+        .reply(Reply::server_error(500))
+        .reply(Reply::openai())
+        .start()
+        .await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let mut streamed = chat_body();
+    streamed["stream"] = json!(true);
+
+    let cut =
+        http().post(gateway.url(CHAT)).bearer_auth("sk-a").json(&streamed).send().await.expect("answer");
+    let mut body = cut.bytes_stream();
+    while let Some(Ok(_)) = body.next().await {}
+    let failed =
+        http().post(gateway.url(CHAT)).bearer_auth("sk-a").json(&chat_body()).send().await.expect("answer");
+    assert_eq!(failed.status(), 500);
+    failed.bytes().await.expect("body");
+
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await.0, "miss", "a cut stream was stored");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss", "a 500 was stored");
+}
+
+#[tokio::test]
+async fn concurrent_identical_misses_make_one_upstream_call() {
+    let upstream = MockUpstream::new().reply(Reply::openai().delay(Duration::from_millis(300))).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    let body = chat_body();
+    let answers = join_all((0..10).map(|_| send(&gateway, "sk-a", &body, &[]))).await;
+
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(answers.iter().filter(|(status, _)| status == "miss").count(), 1);
+    assert!(answers.iter().all(|(_, body)| body == &answers[0].1));
+}
+
+#[tokio::test]
+async fn a_failed_leader_does_not_poison_its_waiters() {
+    let upstream = MockUpstream::new()
+        .reply(Reply::server_error(503).delay(Duration::from_millis(300)))
+        .reply(Reply::openai())
+        .start()
+        .await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let ask = || async {
+        let response = http().post(gateway.url(CHAT)).bearer_auth("sk-a").json(&chat_body()).send().await;
+        response.expect("answer").status().as_u16()
+    };
+
+    let statuses = join_all((0..5).map(|_| ask())).await;
+
+    assert_eq!(statuses.iter().filter(|status| **status == 503).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|status| **status == 200).count(), 4, "{statuses:?}");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+}
+
+#[tokio::test]
+async fn hits_count_as_requests_but_cost_no_tokens() {
+    let upstream = MockUpstream::new().start().await;
+    let limits = "[limits.default]\nrequests_per_minute = 3\ntokens_per_minute = 60\n[cache]\n";
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), limits)).await;
+    let client = http();
+    let ask = || client.post(gateway.url(CHAT)).bearer_auth("sk-a").json(&chat_body()).send();
+    let tokens = |response: &reqwest::Response| -> i64 {
+        response.headers()["x-ratelimit-remaining-tokens"].to_str().unwrap_or_default().parse().unwrap_or(-1)
+    };
+
+    let miss = ask().await.expect("answer");
+    miss.bytes().await.expect("body");
+    let hit = ask().await.expect("answer");
+    assert_eq!(hit.headers()["x-spillway-cache"], "hit");
+    let after_hit_admission = tokens(&hit);
+    hit.bytes().await.expect("body");
+    let third = ask().await.expect("answer");
+    // The hit's estimate was given back in full: the third request sees the same
+    // balance the hit saw before its own estimate was taken (refill may add a token).
+    assert!((after_hit_admission..=after_hit_admission + 2).contains(&tokens(&third)), "{}", tokens(&third));
+    third.bytes().await.expect("body");
+
+    assert_eq!(ask().await.expect("answer").status(), 429, "hits must count against requests_per_minute");
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_disabled_cache_bypasses_everything() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "[cache]\nenabled = false\n")).await;
+
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "bypass");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "bypass");
+    assert_eq!(upstream.calls(), 2);
+}
