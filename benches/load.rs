@@ -194,7 +194,11 @@ async fn gateway(mock: &upstream::MockHandle, extra: &str) -> String {
 
 /// Limits that every request passes, so the cost measured is the limiting itself:
 /// requests and tokens buckets, BPE prompt count, settling, a concurrency slot.
-const LIMITS: &str = "[limits.default]\nrequests_per_minute = 100000000\ntokens_per_minute = 2000000000\nmax_concurrent = 100000\n";
+const LIMITS: &str = "[limits.default]\nrequests_per_minute = 100000000\ntokens_per_minute = 2000000000\nmax_concurrent = 100000\n[cache]\nenabled = false\n";
+/// Every request a miss that reaches the mock.
+const NO_CACHE: &str = "[cache]\nenabled = false\n";
+/// Every request after the first a hit (the bench sends one body over and over).
+const CACHE: &str = "[cache]\nenabled = true\n";
 
 fn main() {
     // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then.
@@ -208,26 +212,37 @@ fn main() {
         spillway::openai::tokens::warm_up();
         let mock = upstream::MockUpstream::new().start().await;
         let direct_url = format!("{}/chat/completions", mock.base_url());
-        let plain_url = gateway(&mock, "").await;
+        let plain_url = gateway(&mock, NO_CACHE).await;
         let limited_url = gateway(&mock, LIMITS).await;
-        // Warm every path (connections, allocator) before measuring.
-        for url in [&direct_url, &plain_url, &limited_url] {
+        let cached_url = gateway(&mock, CACHE).await;
+        // Warm every path (connections, allocator, the cache entry) before measuring.
+        for url in [&direct_url, &plain_url, &limited_url, &cached_url] {
             drive(url.clone(), clients, Duration::from_millis(500)).await;
         }
 
         for concurrency in [1, clients] {
             println!("\n{concurrency} keep-alive client(s), {duration:?} each, chat completion JSON, mock answers at once");
-            let mut reports = interleaved(&[&direct_url, &plain_url, &limited_url], concurrency, duration, 5).await;
-            let (limited, proxied, direct) =
-                (reports.pop().expect("3"), reports.pop().expect("3"), reports.pop().expect("3"));
+            let urls = [&direct_url, &plain_url, &limited_url, &cached_url];
+            let mut reports = interleaved(&urls, concurrency, duration, 5).await.into_iter();
+            let mut next = || reports.next().expect("one report per url");
+            let (direct, proxied, limited, cached) = (next(), next(), next(), next());
             print("direct to mock", &direct);
             print("through gateway", &proxied);
             print("  + limits on", &limited);
+            print("cache hits", &cached);
             compare(&direct, &proxied);
             println!(
                 "limits cost      {:>8.1}% throughput   +{:.1} µs CPU/req",
                 (1.0 - limited.rps() / proxied.rps()) * 100.0,
                 (limited.cpu_per_request().as_secs_f64() - proxied.cpu_per_request().as_secs_f64()) * 1e6,
+            );
+            println!(
+                "hits vs misses   {:>8.2}x throughput   p50 {:.3} vs {:.3} ms   p99 {:.3} vs {:.3} ms",
+                cached.rps() / proxied.rps(),
+                cached.percentile(0.50).as_secs_f64() * 1e3,
+                proxied.percentile(0.50).as_secs_f64() * 1e3,
+                cached.percentile(0.99).as_secs_f64() * 1e3,
+                proxied.percentile(0.99).as_secs_f64() * 1e3,
             );
         }
     });

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use crate::{
     auth::KeyTable,
-    cache::{CacheStore, memory::MemoryStore},
+    cache::{
+        CacheStore,
+        memory::{DEFAULT_MAX_ENTRY_DIVISOR, MemoryStore},
+    },
     config::Config,
     error::StartupError,
     limit::{Limiter, local::LocalLimiter},
     upstream::UpstreamSet,
 };
-
-/// Entries heavier than 1/8 of `cache.max_size` are not stored.
-const MAX_ENTRY_DIVISOR: std::num::NonZeroU64 = std::num::NonZeroU64::new(8).unwrap();
 
 pub struct Runtime {
     pub config: Arc<Config>,
@@ -30,7 +30,7 @@ impl Runtime {
     pub fn new(config: Config) -> Result<Self, StartupError> {
         let limiter = Arc::new(LocalLimiter::new(config.limits.max_tracked_keys.get()));
         let cache = config.cache.enabled.then(|| {
-            Arc::new(MemoryStore::new(config.cache.max_size.as_u64(), MAX_ENTRY_DIVISOR))
+            Arc::new(MemoryStore::new(config.cache.max_size.as_u64(), DEFAULT_MAX_ENTRY_DIVISOR))
                 as Arc<dyn CacheStore>
         });
         Self::with_state(config, limiter, cache)

@@ -38,7 +38,10 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, ResponseBody, respond};
 use crate::{
-    cache::{CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Scope, key},
+    cache::{
+        CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Scope, key,
+        memory::DEFAULT_MAX_ENTRY_DIVISOR,
+    },
     config::{CacheConfig, CacheScope},
     error::{BoxError, GatewayError},
     openai::sse::StreamWatch,
@@ -199,7 +202,8 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
         identity,
         lookup: !directives.iter().any(|directive| directive == "no-cache"),
         ttl,
-        max_entry: usize::try_from(settings.max_size.as_u64() / 8).unwrap_or(usize::MAX),
+        max_entry: usize::try_from(settings.max_size.as_u64() / DEFAULT_MAX_ENTRY_DIVISOR)
+            .unwrap_or(usize::MAX),
     })
 }
 

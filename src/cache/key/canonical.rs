@@ -11,8 +11,9 @@
 //!
 //! One linear pass builds a small tree that borrows from the input (numbers,
 //! literals and strings already in canonical form are never copied), then one pass
-//! writes it out; strings are scanned eight bytes at a time. Nesting is bounded by [`MAX_DEPTH`], so no input can exhaust the stack.
-//! This module only canonicalizes; hashing the result belongs to [`super::CacheKey`].
+//! writes it out; strings are scanned eight bytes at a time. Nesting is bounded by
+//! [`MAX_DEPTH`], so no input can exhaust the stack. This module only canonicalizes;
+//! hashing the result belongs to [`super::CacheKey`].
 
 use std::borrow::Cow;
 
@@ -54,9 +55,9 @@ pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, CanonicalError> {
 /// A parsed value, borrowing from the input wherever it can be written back as is.
 enum Node<'a> {
     /// Written unchanged: a number or literal, or a string (quotes included)
-    /// without escapes.
+    /// already in canonical form.
     Raw(&'a str),
-    /// A string that had escapes, unescaped; escaped again on output.
+    /// Any other string, unescaped; escaped again on output.
     Text(String),
     Array(Vec<Node<'a>>),
     /// Members sorted by key, each key once.
@@ -77,6 +78,11 @@ impl<'a> Parser<'a> {
 
     fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.pos).copied()
+    }
+
+    /// The input from the current position on.
+    fn rest(&self) -> &'a [u8] {
+        self.text.as_bytes().get(self.pos..).unwrap_or_default()
     }
 
     fn eat(&mut self, byte: u8) -> bool {
@@ -188,7 +194,7 @@ impl<'a> Parser<'a> {
         self.pos += 1;
         let mut canonical = true;
         loop {
-            let Some(found) = find_special(&self.text.as_bytes()[self.pos..]) else {
+            let Some(found) = find_special(self.rest()) else {
                 return Err(self.invalid("unterminated string"));
             };
             self.pos += found;
@@ -211,7 +217,7 @@ impl<'a> Parser<'a> {
         let mut owned: Option<String> = None;
         let mut segment = self.pos;
         loop {
-            let Some(found) = find_special(&self.text.as_bytes()[self.pos..]) else {
+            let Some(found) = find_special(self.rest()) else {
                 return Err(self.invalid("unterminated string"));
             };
             self.pos += found;
@@ -277,7 +283,7 @@ impl<'a> Parser<'a> {
 
     /// Four hex digits of a `\u` escape.
     fn hex4(&mut self) -> Result<u32, CanonicalError> {
-        let digits = self.text.as_bytes().get(self.pos..self.pos + 4).unwrap_or_default();
+        let digits = self.rest().get(..4).unwrap_or(self.rest());
         let mut code = 0;
         for &digit in digits {
             let value = (digit as char).to_digit(16).ok_or_else(|| self.invalid("invalid unicode escape"))?;
@@ -327,7 +333,7 @@ impl<'a> Parser<'a> {
     }
 
     fn literal(&mut self, word: &'static str) -> Result<Node<'a>, CanonicalError> {
-        if !self.text[self.pos..].starts_with(word) {
+        if !self.rest().starts_with(word.as_bytes()) {
             return Err(self.invalid("expected a value"));
         }
         self.pos += word.len();
@@ -368,7 +374,7 @@ impl Node<'_> {
     }
 }
 
-/// A JSON string escaped as `serde_json` escapes it: `"`, `\\` and control
+/// A JSON string escaped as `serde_json` escapes it: `"`, `\` and control
 /// characters only (short forms where JSON has them, else `\u00xx`).
 fn write_string(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
@@ -402,7 +408,7 @@ fn escaped_char(c: char) -> Option<&'static str> {
     u8::try_from(c).ok().and_then(escaped)
 }
 
-/// Where the first byte a string cannot hold as is (`"`, `\\`, a control character)
+/// Where the first byte a string cannot hold as is (`"`, `\`, a control character)
 /// is, eight bytes at a time.
 fn find_special(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_le_bytes([0x01; 8]);
