@@ -30,13 +30,16 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, ResponseBody, respond};
+use super::{
+    GatewayResponse, ProxyRequest, ProxyService, RequestBody, ResponseBody, respond,
+    tap::{End, Tap, Tapped},
+};
 use crate::{
     cache::{
         CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Scope, key,
@@ -277,7 +280,8 @@ fn capture(
     response.map(|body| {
         let pending = Pending { store, plan, status, headers: kept, _flight: flight };
         let watch = stream.then(|| Box::new(StreamWatch::new(false)));
-        Capture { body, frames: Vec::new(), len: 0, watch, pending: Some(pending) }.boxed_unsync()
+        Tapped::new(body, Capture { frames: Vec::new(), len: 0, watch, pending: Some(pending) })
+            .boxed_unsync()
     })
 }
 
@@ -313,71 +317,42 @@ impl Pending {
     }
 }
 
-/// A response body on its way to the client, recorded for the cache as it passes.
+/// Records a response for the cache as it passes to the client, and stores it if it
+/// completed cleanly.
 struct Capture {
-    body: ResponseBody,
     frames: Vec<Bytes>,
     len: usize,
     /// For streams: whether it completed cleanly.
     watch: Option<Box<StreamWatch>>,
+    /// `None` once the response is known not to be stored (too large); dropping it
+    /// lets the waiters go.
     pending: Option<Pending>,
 }
 
-impl Capture {
-    fn complete(&mut self) {
-        let Some(pending) = self.pending.take() else { return };
+impl Tap for Capture {
+    fn data(&mut self, data: &Bytes) {
+        let Some(pending) = &self.pending else { return };
+        self.len += data.len();
+        if self.len > pending.plan.max_entry {
+            self.pending = None;
+            self.frames = Vec::new();
+            return;
+        }
+        if let Some(watch) = self.watch.as_mut() {
+            watch.relay(data.clone());
+        }
+        self.frames.push(data.clone());
+    }
+
+    /// A failed or abandoned body is never stored.
+    fn end(self, how: End) {
+        let Some(pending) = self.pending else { return };
         let clean = self.watch.as_ref().is_none_or(|watch| {
             watch.done() && !watch.error() && !watch.content_filtered() && !watch.gave_up()
         });
-        if clean {
-            pending.store(std::mem::take(&mut self.frames), self.watch.is_some());
+        if how == End::Complete && clean {
+            pending.store(self.frames, self.watch.is_some());
         }
-    }
-}
-
-impl Body for Capture {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(pending)) = (frame.data_ref(), this.pending.as_ref()) {
-                    this.len += data.len();
-                    if this.len > pending.plan.max_entry {
-                        // Too large to keep: stop recording, and let the waiters go.
-                        this.pending = None;
-                        this.frames = Vec::new();
-                    } else {
-                        if let Some(watch) = this.watch.as_mut() {
-                            watch.relay(data.clone());
-                        }
-                        this.frames.push(data.clone());
-                    }
-                }
-                if this.body.is_end_stream() {
-                    this.complete();
-                }
-            }
-            Poll::Ready(None) => this.complete(),
-            // A failed body is never stored; dropping `pending` lets the waiters go.
-            Poll::Ready(Some(Err(_))) => this.pending = None,
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

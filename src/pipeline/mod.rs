@@ -43,6 +43,7 @@ pub mod ingress;
 pub mod metered;
 pub mod observe;
 pub mod respond;
+pub mod tap;
 
 /// Response bodies on the way back to the client: relayed, replayed or made here.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;

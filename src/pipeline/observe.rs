@@ -17,15 +17,19 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, header::HeaderName};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use super::{GatewayResponse, ResponseBody, cache::CacheStatus, respond::Failure};
-use crate::{error::BoxError, secret::KeyId};
+use super::{
+    GatewayResponse,
+    cache::CacheStatus,
+    respond::Failure,
+    tap::{End, Tap, Tapped},
+};
+use crate::secret::KeyId;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
@@ -107,7 +111,7 @@ where
             if let Ok(timing) = HeaderValue::try_from(timing) {
                 headers.insert(SERVER_TIMING, timing);
             }
-            Ok(response.map(|body| Logged { body, line: Some(line), span }.boxed_unsync()))
+            Ok(response.map(|body| Tapped::new(body, LogOnEnd { line, span }).boxed_unsync()))
         })
     }
 }
@@ -207,62 +211,20 @@ impl AccessLine {
     }
 }
 
-/// The response body, writing the access-log line when it ends, fails, or is dropped
-/// unfinished (the client went away).
-struct Logged {
-    body: ResponseBody,
-    line: Option<AccessLine>,
+/// Writes the access-log line when the body ends, fails, or is dropped unfinished
+/// (the client went away), inside the request's span.
+struct LogOnEnd {
+    line: AccessLine,
     span: tracing::Span,
 }
 
-impl Logged {
-    fn finish(&mut self, outcome: &'static str) {
-        if let Some(line) = self.line.take() {
-            let _entered = self.span.enter();
-            line.write(outcome);
-        }
-    }
-}
-
-impl Body for Logged {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(line)) = (frame.data_ref(), this.line.as_mut()) {
-                    line.body_bytes += data.len() as u64;
-                }
-                if this.body.is_end_stream() {
-                    this.finish("completed");
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.finish("body_error"),
-            Poll::Ready(None) => this.finish("completed"),
-            Poll::Pending => {}
-        }
-        polled
+impl Tap for LogOnEnd {
+    fn data(&mut self, data: &Bytes) {
+        self.line.body_bytes += data.len() as u64;
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        // hyper may never poll a body that says it is empty.
-        let outcome = if self.body.is_end_stream() { "completed" } else { "client_gone" };
-        self.finish(outcome);
+    fn end(self, how: End) {
+        let _entered = self.span.enter();
+        self.line.write(how.as_str());
     }
 }
