@@ -9,6 +9,10 @@
 //!
 //! `cargo bench --bench cache_key`
 
+#[path = "support/proc_stats.rs"]
+#[allow(dead_code)]
+mod proc_stats;
+
 use std::{hint::black_box, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -133,7 +137,7 @@ fn print_entry_overhead() {
 
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
     let store = MemoryStore::new(1 << 30, DEFAULT_MAX_ENTRY_DIVISOR);
-    let before = resident_bytes();
+    let before = proc_stats::resident_bytes();
     let values: Vec<_> = (0..ENTRIES)
         .map(|_| {
             Arc::new(CachedResponse {
@@ -145,14 +149,14 @@ fn print_entry_overhead() {
             })
         })
         .collect();
-    let built = resident_bytes();
+    let built = proc_stats::resident_bytes();
     runtime.block_on(async {
         for (n, value) in (0..ENTRIES).zip(&values) {
             let _ = store.put(key_of(n.to_string().as_bytes()), Arc::clone(value)).await;
         }
     });
     let stored = runtime.block_on(store.entry_count());
-    let after = resident_bytes();
+    let after = proc_stats::resident_bytes();
     if let (Some(before), Some(built), Some(after)) = (before, built, after) {
         println!(
             "memory: {} bytes per small entry value (CachedResponse, Arc, path), {} bytes per entry in moka \
@@ -162,13 +166,6 @@ fn print_entry_overhead() {
         );
     }
     drop(values);
-}
-
-/// The process's resident set size, where `/proc` tells it.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
 }
 
 criterion_group! {

@@ -10,6 +10,10 @@
 //!
 //! `cargo bench --bench limiter`
 
+#[path = "support/proc_stats.rs"]
+#[allow(dead_code)]
+mod proc_stats;
+
 use std::{hint::black_box, num::NonZeroU32, time::Duration};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -57,11 +61,11 @@ fn limiter(c: &mut Criterion) {
     let many = LocalLimiter::new(2 * PASSTHROUGH_KEYS);
     let keys: Vec<_> =
         (0..PASSTHROUGH_KEYS).map(|i| BucketKey::Presented(KeyHash::of(&i.to_le_bytes()))).collect();
-    let before = resident_bytes();
+    let before = proc_stats::resident_bytes();
     for key in &keys {
         reserve(&many, key, &quota);
     }
-    if let (Some(before), Some(after)) = (before, resident_bytes()) {
+    if let (Some(before), Some(after)) = (before, proc_stats::resident_bytes()) {
         let per_key = after.saturating_sub(before) / PASSTHROUGH_KEYS;
         println!("memory: about {per_key} bytes per tracked passthrough key (resident set growth)");
     }
@@ -74,13 +78,6 @@ fn limiter(c: &mut Criterion) {
         b.iter(|| one.settle(black_box(&key), &quota, black_box(-10)).now_or_never())
     });
     group.finish();
-}
-
-/// The process's resident set size, where `/proc` tells it.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
 }
 
 criterion_group! {

@@ -18,6 +18,9 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, time::Instant};
 
+#[path = "support/proc_stats.rs"]
+#[allow(dead_code)]
+mod proc_stats;
 // The integration tests' mock upstream, reused as the bench's origin.
 #[allow(dead_code)]
 #[path = "../tests/it/support/certs.rs"]
@@ -63,7 +66,7 @@ async fn drive(url: String, clients: usize, duration: Duration) -> Report {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let url: http::Uri = url.parse().expect("url");
     let started = Instant::now();
-    let cpu_before = process_cpu();
+    let cpu_before = proc_stats::cpu_time();
     let stop = started + duration;
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -106,20 +109,10 @@ async fn drive(url: String, clients: usize, duration: Duration) -> Report {
         report.latencies.extend(latencies);
     }
     report.elapsed = started.elapsed();
-    report.cpu = process_cpu().saturating_sub(cpu_before);
+    report.cpu = proc_stats::cpu_time().saturating_sub(cpu_before);
     report.requests = report.latencies.len();
     report.latencies.sort_unstable();
     report
-}
-
-/// User + system CPU time of this process so far, from `/proc/self/stat` (Linux).
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the `(comm)`: utime and stime are the 12th and 13th, in clock ticks.
-    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: u64 =
-        after_comm.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum();
-    Duration::from_millis(ticks * 10)
 }
 
 /// Runs each URL in turn for `rounds` slices of `duration / rounds`, so that drift in
