@@ -1,4 +1,4 @@
-//! S5 forward, the leaf: one attempt at one upstream.
+//! Forward: one attempt at one upstream, for the retry stage.
 //!
 //! It builds the upstream request (URL under the upstream's base, hop-by-hop headers
 //! dropped, `Authorization` replaced by the upstream's `api_key` where one is set, the
@@ -8,8 +8,7 @@
 //! upgrades (WebSocket) are spliced both ways. Dropping the response body (the client
 //! went away) closes the upstream exchange with it.
 //!
-//! Which upstream to try and whether to try again is the retry stage's business; this
-//! stage tries the first candidate once.
+//! Which upstream to try and whether to try again is the retry stage's business.
 
 use std::{
     future::Future,
@@ -25,9 +24,8 @@ use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tower::Service;
 
-use super::{GatewayResponse, ProxyRequest, RequestBody, observe::UpstreamOutcome};
+use super::{GatewayResponse, ProxyRequest, RequestBody};
 use crate::{
     error::{BoxError, GatewayError},
     upstream::{Upstream, UpstreamBody, headers},
@@ -35,55 +33,48 @@ use crate::{
 
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
-#[derive(Clone, Default)]
-pub struct Forward;
-
-impl Forward {
-    pub fn new() -> Self {
-        Self
-    }
+/// How one attempt ended.
+pub enum Attempt {
+    /// The upstream answered (any status); its body is being relayed.
+    Response(GatewayResponse),
+    /// No answer. `retryable`: a connect error, a reset before the response head, or
+    /// the per-attempt timeout; not the request deadline, nor a body that cannot be
+    /// sent again.
+    Failed { retryable: bool, error: GatewayError },
 }
 
-// === impl Forward ===
-
-impl Service<ProxyRequest> for Forward {
-    type Response = GatewayResponse;
-    type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        Poll::Ready(Ok(()))
+/// One attempt at `upstream`: send, wait for the head within the per-attempt timeout
+/// (and the request deadline), relay. A protocol upgrade is spliced on the attempt
+/// that gets the 101.
+pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt {
+    let outgoing = match upstream_request(upstream, request) {
+        Ok(outgoing) => outgoing,
+        Err(error) => return Attempt::Failed { retryable: false, error },
+    };
+    let attempt_deadline = (Instant::now() + upstream.timeout).min(request.deadline);
+    let sent = tokio::time::timeout_at(attempt_deadline, upstream.client.request(outgoing)).await;
+    let mut response = match sent {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            let error = transport_error(upstream, error);
+            let retryable = matches!(error, GatewayError::UpstreamUnreachable { .. });
+            return Attempt::Failed { retryable, error };
+        }
+        Err(_) if attempt_deadline == request.deadline => {
+            return Attempt::Failed { retryable: false, error: GatewayError::DeadlineReached };
+        }
+        Err(_) => {
+            let error =
+                GatewayError::UpstreamTimeout { upstream: upstream.name.clone(), after: upstream.timeout };
+            return Attempt::Failed { retryable: true, error };
+        }
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = request.head.extensions.remove::<OnUpgrade>()
+    {
+        splice_upgrade(client_side, hyper::upgrade::on(&mut response));
     }
-
-    fn call(&mut self, mut request: ProxyRequest) -> Self::Future {
-        Box::pin(async move {
-            let upstream = request.upstreams[0].clone();
-            let client_upgrade = request.head.extensions.remove::<OnUpgrade>();
-            let outgoing = upstream_request(&upstream, &mut request)?;
-            let started = Instant::now();
-            let attempt_deadline = (started + upstream.timeout).min(request.deadline);
-            let sent = tokio::time::timeout_at(attempt_deadline, upstream.client.request(outgoing)).await;
-            let wait = started.elapsed();
-            let mut response = match sent {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => return Err(transport_error(&upstream, error)),
-                Err(_) if attempt_deadline == request.deadline => return Err(GatewayError::DeadlineReached),
-                Err(_) => {
-                    return Err(GatewayError::UpstreamTimeout {
-                        upstream: upstream.name.clone(),
-                        after: upstream.timeout,
-                    });
-                }
-            };
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(client_side) = client_upgrade
-            {
-                splice_upgrade(client_side, hyper::upgrade::on(&mut response));
-            }
-            let outcome = UpstreamOutcome { upstream: upstream.name.clone(), attempts: 1, wait };
-            Ok(relay(response, request.deadline, outcome))
-        })
-    }
+    Attempt::Response(relay(response, request.deadline))
 }
 
 /// The request as the upstream gets it. Takes a streamed body out of `request`.
@@ -147,14 +138,13 @@ fn transport_error(upstream: &Upstream, error: hyper_util::client::legacy::Error
 
 /// The upstream's response on its way to the client: hop-by-hop headers dropped, its
 /// request id renamed, its body relayed frame by frame until the deadline.
-fn relay(response: Response<Incoming>, deadline: Instant, outcome: UpstreamOutcome) -> GatewayResponse {
+fn relay(response: Response<Incoming>, deadline: Instant) -> GatewayResponse {
     let (mut head, body) = response.into_parts();
     let upgrade = head.status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut head.headers, upgrade);
     if let Some(id) = head.headers.remove("x-request-id") {
         head.headers.insert(X_UPSTREAM_REQUEST_ID, id);
     }
-    head.extensions.insert(outcome);
     let body = UntilDeadline { body, deadline: tokio::time::sleep_until(deadline) };
     Response::from_parts(head, body.boxed_unsync())
 }

@@ -8,9 +8,10 @@
 //! S2 admit     concurrency slot + request + token estimate, or 429  admit.rs
 //!              (the response body settles the estimate at its end)  metered.rs
 //! S3 cache     lookup → coalesce identical misses → capture, store  cache.rs
-//! S4 retry     (attempts, backoff, failover)                        later
-//! S5 forward   header hygiene, credentials, send, per-attempt       forward.rs
-//!              timeout, relay the response as it arrives
+//! S4 retry     attempts within the deadline, full-jitter backoff,    retry.rs
+//!              retry-after, failover; each attempt is one
+//!              forward: header hygiene, credentials, send,          forward.rs
+//!              per-attempt timeout, relay the response as it arrives
 //! ```
 //!
 //! Stages above `ingress` see raw hyper requests and never fail (`Infallible`);
@@ -43,6 +44,7 @@ pub mod ingress;
 pub mod metered;
 pub mod observe;
 pub mod respond;
+pub mod retry;
 pub mod tap;
 
 /// Response bodies on the way back to the client: relayed, replayed or made here.
@@ -62,7 +64,7 @@ pub fn build(runtime: Arc<Runtime>) -> Stack {
             runtime.config.limits.default_completion_tokens,
         ))
         .layer(cache::CacheLayer::new(runtime.cache.clone(), runtime.config.cache.clone()))
-        .service(forward::Forward::new());
+        .service(retry::Retry::new(runtime.config.retry.clone()));
     BoxCloneService::new(stack)
 }
 

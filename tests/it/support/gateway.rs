@@ -76,10 +76,18 @@ pub fn load(toml: &str) -> config::Config {
 }
 
 /// A config with one upstream at `base_url` serving every model, plus `extra` TOML.
-/// The cache is off unless `extra` has a `[cache]` table, so that tests of other
-/// stages see every request reach the upstream.
+/// The cache is off and every request makes one attempt unless `extra` has a
+/// `[cache]` or `[retry]` table, so that tests of other stages see each request reach
+/// the upstream exactly once.
 pub fn config_for(base_url: &str, extra: &str) -> String {
-    let cache = if extra.contains("[cache]") { "" } else { "\n[cache]\nenabled = false\n" };
+    let mut defaults = String::new();
+    if !extra.contains("[cache]") {
+        defaults.push_str("\n[cache]\nenabled = false\n");
+    }
+    if !extra.contains("[retry]") {
+        defaults.push_str("\n[retry]\nmax_attempts = 1\n");
+    }
+    let cache = defaults;
     format!(
         r#"
 [server]

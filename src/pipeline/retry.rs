@@ -1,0 +1,199 @@
+//! S4 retry, the leaf of the stack: attempts within the request's deadline, full-jitter
+//! backoff that honours the upstream's `retry-after`, and failover across the
+//! upstreams that serve the model.
+//!
+//! An attempt that fails to connect, is reset before the response head, times out, or
+//! answers with a status in `retry.on_status` is tried again, up to
+//! `retry.max_attempts` attempts in all, sleeping `random(0, min(max_delay,
+//! base_delay · 2ⁿ))` before retry n (n from 0) — never less than what the upstream
+//! asked for in `retry-after-ms`, `x-ms-retry-after-ms` or `retry-after` (seconds or
+//! an HTTP date) when `respect_retry_after` is set. A retry goes to the next candidate
+//! upstream, so another upstream serving the model is preferred over the one that
+//! just failed. When the next wait would pass the request deadline, the last answer is
+//! returned at once (or its error: 502 for a connect failure or reset, 504 for a
+//! timeout). Nothing is retried once a response head has been handed on: from then on
+//! the body streams to the client. A streamed (non-JSON) request body can be sent
+//! once only. A client that goes away drops this future, and the loop with it.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use http::HeaderMap;
+use tokio::time::Instant;
+use tower::Service;
+
+use super::{
+    GatewayResponse, ProxyRequest, RequestBody,
+    forward::{self, Attempt},
+    observe::UpstreamOutcome,
+};
+use crate::{config::RetryConfig, error::GatewayError};
+
+/// The metric counting attempts by upstream and outcome.
+pub const ATTEMPTS_METRIC: &str = "spillway_upstream_attempts_total";
+
+#[derive(Clone)]
+pub struct Retry {
+    policy: Arc<RetryConfig>,
+}
+
+impl Retry {
+    pub fn new(policy: RetryConfig) -> Self {
+        Self { policy: Arc::new(policy) }
+    }
+}
+
+// === impl Retry ===
+
+impl Service<ProxyRequest> for Retry {
+    type Response = GatewayResponse;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: ProxyRequest) -> Self::Future {
+        let policy = self.policy.clone();
+        Box::pin(attempts(request, policy))
+    }
+}
+
+async fn attempts(
+    mut request: ProxyRequest,
+    policy: Arc<RetryConfig>,
+) -> Result<GatewayResponse, GatewayError> {
+    let started = Instant::now();
+    let max_attempts = match request.body {
+        RequestBody::Buffered(_) => policy.max_attempts.get(),
+        RequestBody::Streaming(_) => 1,
+    };
+    let mut attempt = 0u32;
+    loop {
+        let upstream = request.upstreams[attempt as usize % request.upstreams.len()].clone();
+        attempt += 1;
+        let result = forward::attempt(&mut request, &upstream).await;
+        let last = attempt >= max_attempts;
+        let (asked, outcome) = match &result {
+            Attempt::Response(response) if policy.on_status.contains(&response.status()) => (
+                policy.respect_retry_after.then(|| retry_after(response.headers())).flatten(),
+                "retryable_status",
+            ),
+            Attempt::Response(_) => (None, "response"),
+            Attempt::Failed { retryable: true, error } => (None, error.code()),
+            Attempt::Failed { retryable: false, error } => (None, error.code()),
+        };
+        metrics::counter!(ATTEMPTS_METRIC, "upstream" => upstream.name.clone(), "outcome" => outcome)
+            .increment(1);
+        let retryable = match &result {
+            Attempt::Response(response) => policy.on_status.contains(&response.status()),
+            Attempt::Failed { retryable, .. } => *retryable,
+        };
+        let wait = backoff(&policy, attempt - 1, asked, fastrand::f64());
+        if !retryable || last || Instant::now() + wait >= request.deadline {
+            tracing::debug!(upstream = %upstream.name, attempt, outcome, "final attempt");
+            return match result {
+                Attempt::Response(mut response) => {
+                    let outcome = UpstreamOutcome {
+                        upstream: upstream.name.clone(),
+                        attempts: attempt,
+                        wait: started.elapsed(),
+                    };
+                    response.extensions_mut().insert(outcome);
+                    Ok(response)
+                }
+                Attempt::Failed { error, .. } => Err(error),
+            };
+        }
+        tracing::debug!(upstream = %upstream.name, attempt, outcome, wait_ms = wait.as_millis() as u64, "retrying");
+        drop(result);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The wait before retry `n` (0 for the first retry): full jitter over
+/// `min(max_delay, base_delay · 2ⁿ)`, scaled by `unit` in [0, 1), and never less than
+/// what the upstream `asked` for.
+pub fn backoff(policy: &RetryConfig, n: u32, asked: Option<Duration>, unit: f64) -> Duration {
+    let ceiling = policy.base_delay.saturating_mul(2u32.saturating_pow(n.min(31))).min(policy.max_delay);
+    let jitter = ceiling.mul_f64(unit.clamp(0.0, 1.0));
+    asked.map_or(jitter, |asked| jitter.max(asked))
+}
+
+/// What the upstream asked to wait: `retry-after-ms`, Azure's `x-ms-retry-after-ms`,
+/// or `retry-after` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim);
+    let millis = |value: &str| value.parse::<f64>().ok().filter(|ms| ms.is_finite() && *ms >= 0.0);
+    if let Some(ms) =
+        text("retry-after-ms").and_then(millis).or_else(|| text("x-ms-retry-after-ms").and_then(millis))
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = text("retry-after")?;
+    if let Some(seconds) = value.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0) {
+        return Some(Duration::from_secs_f64(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn policy() -> RetryConfig {
+        RetryConfig {
+            max_attempts: NonZeroU32::MIN,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(8),
+            on_status: vec![],
+            respect_retry_after: true,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn full_jitter_stays_within_its_ceiling(n in 0u32..64, unit in 0.0f64..1.0) {
+            let policy = policy();
+            let wait = backoff(&policy, n, None, unit);
+            let ceiling = policy.base_delay.saturating_mul(2u32.saturating_pow(n.min(31))).min(policy.max_delay);
+            prop_assert!(wait <= ceiling);
+            prop_assert!(wait <= policy.max_delay);
+        }
+
+        #[test]
+        fn never_shorter_than_the_upstream_asked(n in 0u32..64, unit in 0.0f64..1.0, asked in 0u64..100_000) {
+            let asked = Duration::from_millis(asked);
+            prop_assert!(backoff(&policy(), n, Some(asked), unit) >= asked);
+        }
+    }
+
+    #[test]
+    fn reads_every_retry_after_form() {
+        let with = |name: &'static str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("")));
+            retry_after(&headers)
+        };
+        assert_eq!(with("retry-after-ms", "150"), Some(Duration::from_millis(150)));
+        assert_eq!(with("x-ms-retry-after-ms", "20.5"), Some(Duration::from_micros(20_500)));
+        assert_eq!(with("retry-after", "2"), Some(Duration::from_secs(2)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let from_date = with("retry-after", &later).unwrap_or_default();
+        assert!(from_date > Duration::from_secs(27) && from_date <= Duration::from_secs(30), "{from_date:?}");
+        assert_eq!(with("retry-after", "soon"), None);
+        assert_eq!(with("retry-after-ms", "-5"), None);
+    }
+}
