@@ -143,6 +143,10 @@ pub struct RetryConfig {
     pub max_delay: Duration,
     pub on_status: Vec<http::StatusCode>,
     pub respect_retry_after: bool,
+    /// Retries in flight may be at most this share of requests in flight…
+    pub budget_percent: u8,
+    /// …but this many are always allowed (Envoy's retry budget).
+    pub min_retries: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]

@@ -198,6 +198,8 @@ pub(crate) struct RawRetry {
     pub max_delay: Spanned<String>,
     pub on_status: Vec<Spanned<i64>>,
     pub respect_retry_after: bool,
+    pub budget_percent: Spanned<i64>,
+    pub min_retries: Spanned<i64>,
 }
 
 impl Default for RawRetry {
@@ -208,6 +210,8 @@ impl Default for RawRetry {
             max_delay: builtin("8s"),
             on_status: [429, 500, 502, 503, 504].map(builtin).into(),
             respect_retry_after: true,
+            budget_percent: builtin(20),
+            min_retries: builtin(3),
         }
     }
 }

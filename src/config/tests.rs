@@ -229,7 +229,7 @@ zebra = 1
             "t.toml:5:2: error: unknown field `limit`\n  = help: did you mean `limits`?",
             "t.toml:11:1: error: unknown field `keys[0].modles`\n  = help: did you mean `models`?",
             "t.toml:14:1: error: unknown field `retry.zebra`\n  = help: expected one of `max_attempts`, \
-             `base_delay`, `max_delay`, `on_status`, `respect_retry_after`",
+             `base_delay`, `max_delay`, `on_status`, `respect_retry_after`, `budget_percent`, `min_retries`",
         ]
     );
 }

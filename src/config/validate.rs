@@ -341,7 +341,16 @@ impl Checker<'_> {
             }
         }
         let statuses_ok = on_status.len() == raw.on_status.len();
+        let budget_percent =
+            u8::try_from(*raw.budget_percent.get_ref()).ok().filter(|percent| *percent <= 100);
+        if budget_percent.is_none() {
+            let message = format!("not a percentage: {}", raw.budget_percent.get_ref());
+            self.report(&raw.budget_percent, message, "use a whole number from 0 to 100");
+        }
+        let min_retries = self.count("min_retries", &raw.min_retries);
         Some(RetryConfig {
+            budget_percent: budget_percent?,
+            min_retries: min_retries?,
             max_attempts: max_attempts?,
             base_delay: base_delay.filter(|base| max_delay.is_some_and(|max| *base <= max))?,
             max_delay: max_delay?,

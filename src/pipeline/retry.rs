@@ -18,7 +18,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -32,7 +35,7 @@ use super::{
     forward::{self, Attempt},
     observe::UpstreamOutcome,
 };
-use crate::{config::RetryConfig, error::GatewayError};
+use crate::{config::RetryConfig, error::GatewayError, upstream};
 
 /// The metric counting attempts by upstream and outcome.
 pub const ATTEMPTS_METRIC: &str = "spillway_upstream_attempts_total";
@@ -40,11 +43,12 @@ pub const ATTEMPTS_METRIC: &str = "spillway_upstream_attempts_total";
 #[derive(Clone)]
 pub struct Retry {
     policy: Arc<RetryConfig>,
+    budget: Arc<Budget>,
 }
 
 impl Retry {
     pub fn new(policy: RetryConfig) -> Self {
-        Self { policy: Arc::new(policy) }
+        Self { policy: Arc::new(policy), budget: Arc::default() }
     }
 }
 
@@ -60,60 +64,113 @@ impl Service<ProxyRequest> for Retry {
     }
 
     fn call(&mut self, request: ProxyRequest) -> Self::Future {
-        let policy = self.policy.clone();
-        Box::pin(attempts(request, policy))
+        Box::pin(attempts(request, self.policy.clone(), self.budget.clone()))
     }
 }
 
 async fn attempts(
     mut request: ProxyRequest,
     policy: Arc<RetryConfig>,
+    budget: Arc<Budget>,
 ) -> Result<GatewayResponse, GatewayError> {
     let started = Instant::now();
+    let _in_flight = budget.enter();
+    let mut _retrying = None;
     let max_attempts = match request.body {
         RequestBody::Buffered(_) => policy.max_attempts.get(),
         RequestBody::Streaming(_) => 1,
     };
+    let candidates = std::mem::take(&mut request.upstreams);
+    let mut failed: Option<String> = None;
     let mut attempt = 0u32;
     loop {
-        let upstream = request.upstreams[attempt as usize % request.upstreams.len()].clone();
+        let upstream = upstream::choose(&candidates, failed.as_deref(), fastrand::f64()).clone();
         attempt += 1;
         let result = forward::attempt(&mut request, &upstream).await;
-        let last = attempt >= max_attempts;
-        let (asked, outcome) = match &result {
-            Attempt::Response(response) if policy.on_status.contains(&response.status()) => (
-                policy.respect_retry_after.then(|| retry_after(response.headers())).flatten(),
-                "retryable_status",
-            ),
-            Attempt::Response(_) => (None, "response"),
-            Attempt::Failed { retryable: true, error } => (None, error.code()),
-            Attempt::Failed { retryable: false, error } => (None, error.code()),
+        let (retryable, asked, outcome) = match &result {
+            Attempt::Response(response) if policy.on_status.contains(&response.status()) => {
+                (true, retry_after(response.headers()), "retryable_status")
+            }
+            Attempt::Response(_) => (false, None, "response"),
+            Attempt::Failed { retryable, error } => (*retryable, None, error.code()),
         };
         metrics::counter!(ATTEMPTS_METRIC, "upstream" => upstream.name.clone(), "outcome" => outcome)
             .increment(1);
-        let retryable = match &result {
-            Attempt::Response(response) => policy.on_status.contains(&response.status()),
-            Attempt::Failed { retryable, .. } => *retryable,
-        };
+        match &result {
+            Attempt::Response(response) if !response.status().is_server_error() && !retryable => {
+                upstream.health.success();
+            }
+            Attempt::Failed { retryable: false, .. } => {}
+            _ => upstream.health.failure(asked),
+        }
+        let asked = asked.filter(|_| policy.respect_retry_after);
         let wait = backoff(&policy, attempt - 1, asked, fastrand::f64());
-        if !retryable || last || Instant::now() + wait >= request.deadline {
+        let give_up = !retryable
+            || attempt >= max_attempts
+            || Instant::now() + wait >= request.deadline
+            || (_retrying.is_none() && {
+                _retrying = budget.try_retry(&policy);
+                _retrying.is_none()
+            });
+        if give_up {
             tracing::debug!(upstream = %upstream.name, attempt, outcome, "final attempt");
             return match result {
                 Attempt::Response(mut response) => {
-                    let outcome = UpstreamOutcome {
-                        upstream: upstream.name.clone(),
-                        attempts: attempt,
-                        wait: started.elapsed(),
-                    };
-                    response.extensions_mut().insert(outcome);
+                    let wait = started.elapsed();
+                    let upstream = upstream.name.clone();
+                    response.extensions_mut().insert(UpstreamOutcome { upstream, attempts: attempt, wait });
                     Ok(response)
                 }
                 Attempt::Failed { error, .. } => Err(error),
             };
         }
         tracing::debug!(upstream = %upstream.name, attempt, outcome, wait_ms = wait.as_millis() as u64, "retrying");
+        failed = Some(upstream.name.clone());
         drop(result);
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Envoy's retry budget: requests in a retry may be at most `budget_percent` of the
+/// requests in flight, with `min_retries` always allowed, so that an outage cannot
+/// multiply the load on an upstream.
+#[derive(Debug, Default)]
+struct Budget {
+    in_flight: AtomicU64,
+    retrying: AtomicU64,
+}
+
+impl Budget {
+    fn enter(self: &Arc<Self>) -> Counted {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Counted { budget: self.clone(), retry: false }
+    }
+
+    /// A retry slot, held until the request ends; `None` when the budget is spent.
+    fn try_retry(self: &Arc<Self>, policy: &RetryConfig) -> Option<Counted> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let allowed =
+            (in_flight * u64::from(policy.budget_percent) / 100).max(u64::from(policy.min_retries.get()));
+        let retrying = self.retrying.fetch_add(1, Ordering::Relaxed);
+        if retrying >= allowed {
+            self.retrying.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(retrying, allowed, "retry budget spent; answering with the last attempt");
+            return None;
+        }
+        Some(Counted { budget: self.clone(), retry: true })
+    }
+}
+
+/// One request (or one retrying request) counted in the budget until dropped.
+struct Counted {
+    budget: Arc<Budget>,
+    retry: bool,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let counter = if self.retry { &self.budget.retrying } else { &self.budget.in_flight };
+        counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -160,6 +217,8 @@ mod tests {
             max_delay: Duration::from_secs(8),
             on_status: vec![],
             respect_retry_after: true,
+            budget_percent: 20,
+            min_retries: NonZeroU32::MIN,
         }
     }
 

@@ -1,8 +1,8 @@
 //! Upstreams and routing: which provider endpoints serve which models, and how a
 //! request path under `/v1` becomes a URL on one of them.
 //!
-//! An [`UpstreamSet`] is built once per config. Choosing among candidates (weights,
-//! failover, cool-downs) belongs to the retry stage; this module only lists them.
+//! An [`UpstreamSet`] is built once per config. [`choose`] picks one of a request's
+//! candidates: by weight among the healthy ones, avoiding the one that just failed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,6 +15,7 @@ use crate::{
 
 pub mod client;
 pub mod headers;
+pub mod health;
 
 pub use client::{HttpClient, UpstreamBody};
 
@@ -33,6 +34,7 @@ pub struct Upstream {
     /// Per attempt, until the response head.
     pub timeout: Duration,
     pub client: HttpClient,
+    pub health: health::Health,
 }
 
 impl Upstream {
@@ -69,6 +71,7 @@ impl Upstream {
             weight: config.weight.get(),
             timeout: config.timeout,
             client: client::build(config.connect_timeout, config.ca_file.as_deref())?,
+            health: health::Health::default(),
         })
     }
 
@@ -130,5 +133,78 @@ impl UpstreamSet {
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
         self.upstreams.iter()
+    }
+}
+
+/// Picks the upstream for an attempt among `candidates`: by `weight` among those not
+/// cooling down and not `avoid` (the one that just failed, when there is another);
+/// when every candidate is cooling down, the least recently failed one is still tried.
+/// `unit` is a uniform random number in [0, 1).
+pub fn choose<'a>(candidates: &'a [Arc<Upstream>], avoid: Option<&str>, unit: f64) -> &'a Arc<Upstream> {
+    let now = tokio::time::Instant::now();
+    let usable = |upstream: &&Arc<Upstream>| !upstream.health.is_cooling(now);
+    let mut pool: Vec<&Arc<Upstream>> =
+        candidates.iter().filter(usable).filter(|up| Some(up.name.as_str()) != avoid).collect();
+    if pool.is_empty() {
+        pool = candidates.iter().filter(usable).collect();
+    }
+    if pool.is_empty() {
+        // All cooling: the one whose last failure is oldest is the best bet.
+        return candidates.iter().min_by_key(|up| up.health.last_failure()).unwrap_or(&candidates[0]);
+    }
+    let total: u64 = pool.iter().map(|up| u64::from(up.weight)).sum();
+    let mut ticket = (unit.clamp(0.0, 1.0) * total as f64) as u64;
+    for upstream in &pool {
+        if ticket < u64::from(upstream.weight) {
+            return upstream;
+        }
+        ticket -= u64::from(upstream.weight);
+    }
+    pool[pool.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+    use crate::config::{ModelGlobs, UpstreamConfig};
+
+    fn upstream(name: &str, weight: u32) -> Arc<Upstream> {
+        let models = ModelGlobs { patterns: vec!["*".into()], set: globset::GlobSet::empty() };
+        let config = UpstreamConfig {
+            name: name.into(),
+            base_url: Uri::from_static("http://127.0.0.1:9/v1"),
+            api_key: None,
+            models,
+            weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ca_file: None,
+        };
+        Arc::new(Upstream::new(&config).unwrap_or_else(|error| panic!("{error}")))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn picks_by_weight_avoids_the_failed_and_skips_the_cooling() {
+        let pool = [upstream("a", 1), upstream("b", 3)];
+        let picks: Vec<&str> =
+            [0.0, 0.24, 0.26, 0.99].iter().map(|u| choose(&pool, None, *u).name.as_str()).collect();
+        assert_eq!(picks, ["a", "a", "b", "b"]);
+        assert_eq!(choose(&pool, Some("b"), 0.99).name, "a", "a retry prefers another upstream");
+
+        for _ in 0..health::FAILURES_TO_COOL {
+            pool[1].health.failure(None);
+        }
+        assert_eq!(choose(&pool, None, 0.99).name, "a", "a cooling upstream is skipped");
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..health::FAILURES_TO_COOL {
+            pool[0].health.failure(None);
+        }
+        assert_eq!(choose(&pool, None, 0.0).name, "b", "all cooling: the least recently failed");
+
+        tokio::time::advance(health::COOLDOWN).await;
+        assert_eq!(choose(&pool, None, 0.0).name, "a", "cool-downs end by themselves");
     }
 }

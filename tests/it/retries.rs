@@ -163,3 +163,35 @@ async fn streamed_uploads_are_sent_once() {
     assert_eq!(response.status(), 503);
     assert_eq!(upstream.calls(), 1);
 }
+
+#[tokio::test]
+async fn the_retry_budget_refuses_retries_beyond_its_share() {
+    let upstream =
+        MockUpstream::new().reply(Reply::server_error(503).delay(Duration::from_millis(200))).start().await;
+    // No share of in-flight requests may retry, except one at a time (`min_retries`).
+    let retry = "[retry]\nmax_attempts = 3\nbase_delay = \"10ms\"\nmax_delay = \"20ms\"\nbudget_percent = 0\nmin_retries = 1\n";
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), retry)).await;
+
+    let (first, second) = tokio::join!(gateway.chat("gpt-4o", false), gateway.chat("gpt-4o", false));
+
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (503, 503));
+    // One request used its three attempts; the other was refused a retry and answered
+    // with its first attempt's 503 at once.
+    assert_eq!(upstream.calls(), 4);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_stops_the_retry_loop() {
+    let upstream = MockUpstream::new().reply(Reply::server_error(503)).start().await;
+    let retry = "[retry]\nmax_attempts = 10\nbase_delay = \"200ms\"\nmax_delay = \"200ms\"\nrespect_retry_after = false\n";
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), retry)).await;
+
+    let gone = tokio::time::timeout(Duration::from_millis(100), gateway.chat("gpt-4o", false)).await;
+    assert!(gone.is_err(), "the client gave up first");
+    upstream.wait_for_calls(1).await;
+
+    // Ten attempts 0–200 ms apart would take up to 2 s; watch for one second that no
+    // more than the attempts under way when the client left reach the upstream.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(upstream.calls() <= 2, "{} attempts after the client left", upstream.calls());
+}
