@@ -244,6 +244,7 @@ pub struct MockUpstream {
     tls: bool,
     queue: VecDeque<Reply>,
     routes: HashMap<String, Reply>,
+    every: Option<(usize, Reply)>,
     expect_calls: Option<usize>,
 }
 
@@ -272,6 +273,13 @@ impl MockUpstream {
         self
     }
 
+    /// Answers every `n`th request with `reply`, before routes and the queue (a
+    /// steady failure rate for load tests).
+    pub fn every(mut self, n: usize, reply: Reply) -> Self {
+        self.every = Some((n.max(1), reply));
+        self
+    }
+
     /// Fails the test, when the handle is dropped, unless exactly `n` requests came.
     pub fn expect_calls(mut self, n: usize) -> Self {
         self.expect_calls = Some(n);
@@ -289,7 +297,11 @@ impl MockUpstream {
             }
             false => (None, None),
         };
-        let shared = Arc::new(Shared { script: Mutex::new((self.queue, self.routes)), ..Shared::default() });
+        let shared = Arc::new(Shared {
+            script: Mutex::new((self.queue, self.routes)),
+            every: self.every,
+            ..Shared::default()
+        });
         let server = tokio::spawn(serve(listener, acceptor, shared.clone()));
         MockHandle { addr, ca, shared, server, expect_calls: self.expect_calls }
     }
@@ -411,6 +423,7 @@ impl Drop for MockHandle {
 #[derive(Default)]
 struct Shared {
     script: Mutex<(VecDeque<Reply>, HashMap<String, Reply>)>,
+    every: Option<(usize, Reply)>,
     requests: Mutex<Vec<Recorded>>,
     connections: AtomicUsize,
     open_streams: AtomicUsize,
@@ -421,7 +434,12 @@ struct Shared {
 impl Shared {
     /// Records a request; returns its number (from 1) and the reply it gets.
     fn record(&self, request: Recorded) -> (usize, Reply) {
-        let reply = {
+        let calls = self.requests.lock().expect("requests lock").len() + 1;
+        let reply = match &self.every {
+            Some((n, reply)) if calls.is_multiple_of(*n) => Some(reply.clone()),
+            _ => None,
+        };
+        let reply = reply.unwrap_or_else(|| {
             let mut script = self.script.lock().expect("script lock");
             let (queue, routes) = &mut *script;
             match routes.get(request.uri.path()) {
@@ -429,7 +447,7 @@ impl Shared {
                 None if queue.len() > 1 => queue.pop_front().expect("queue is not empty"),
                 None => queue.front().cloned().unwrap_or_else(Reply::openai),
             }
-        };
+        });
         let mut requests = self.requests.lock().expect("requests lock");
         requests.push(request);
         let n = requests.len();
