@@ -21,7 +21,7 @@
 //! # Request path
 //!
 //! ```text
-//! accept ─ TLS ─ h1/h2 ─ observe ─ ingress ─ (admit ─ cache ─ retry) ─ forward ─ upstream
+//! accept ─ TLS ─ h1/h2 ─ observe ─ ingress ─ admit ─ cache ─ retry ─ (forward) ─ upstream
 //! ```
 //!
 //! See [`pipeline`] for what each stage owns.

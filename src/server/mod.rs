@@ -163,7 +163,7 @@ fn log_startup(runtime: &Runtime, listener: &TcpListener, admin: Option<std::net
         upstreams = %upstreams.join(","),
         auth = ?config.auth,
         keys = runtime.keys.len(),
-        cache = "off",
+        cache = if runtime.cache.is_some() { "memory" } else { "off" },
         limiter = "memory",
         version = env!("CARGO_PKG_VERSION"),
         "spillway started"
