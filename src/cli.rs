@@ -95,8 +95,8 @@ impl Cli {
             eprintln!("error: {error}");
             return Exit::BadConfig;
         }
-        let config = match self.load() {
-            Ok((config, _)) => config,
+        let (config, overrides) = match self.load() {
+            Ok(loaded) => loaded,
             Err(diagnostics) => {
                 eprintln!("{diagnostics}");
                 return Exit::BadConfig;
@@ -109,7 +109,7 @@ impl Cli {
                 return Exit::Startup;
             }
         };
-        match runtime.block_on(crate::server::run(config)) {
+        match runtime.block_on(crate::server::run(config, overrides)) {
             Ok(()) => Exit::Clean,
             Err(error) => {
                 tracing::error!(%error, "startup failed");

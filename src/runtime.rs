@@ -29,10 +29,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(config: Config) -> Result<Self, StartupError> {
         let limiter = Arc::new(LocalLimiter::new(config.limits.max_tracked_keys.get()));
-        let cache = config.cache.enabled.then(|| {
-            Arc::new(MemoryStore::new(config.cache.max_size.as_u64(), DEFAULT_MAX_ENTRY_DIVISOR))
-                as Arc<dyn CacheStore>
-        });
+        let cache = Self::cache_for(&config);
         Self::with_state(config, limiter, cache)
     }
 
@@ -49,6 +46,25 @@ impl Runtime {
             keys: KeyTable::new(&config.keys, &config.default_limits),
             limiter,
             config: Arc::new(config),
+        })
+    }
+
+    /// The runtime for a reloaded `config`, keeping this one's limiter and, while the
+    /// cache's switch and size are unchanged, its cache.
+    pub fn reload(&self, config: Config) -> Result<Self, StartupError> {
+        let same_cache = config.cache.enabled == self.config.cache.enabled
+            && config.cache.max_size == self.config.cache.max_size;
+        let cache = match same_cache {
+            true => self.cache.clone(),
+            false => Self::cache_for(&config),
+        };
+        Self::with_state(config, self.limiter.clone(), cache)
+    }
+
+    fn cache_for(config: &Config) -> Option<Arc<dyn CacheStore>> {
+        config.cache.enabled.then(|| {
+            Arc::new(MemoryStore::new(config.cache.max_size.as_u64(), DEFAULT_MAX_ENTRY_DIVISOR))
+                as Arc<dyn CacheStore>
         })
     }
 }

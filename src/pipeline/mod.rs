@@ -27,7 +27,7 @@ use http::{HeaderValue, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tower::{ServiceBuilder, util::BoxCloneService};
+use tower::{ServiceBuilder, util::BoxCloneSyncService};
 
 use crate::{
     auth::Caller,
@@ -52,7 +52,7 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 pub type GatewayResponse = Response<ResponseBody>;
 
 /// The whole stack as one cloneable service, ready for hyper.
-pub type Stack = BoxCloneService<http::Request<Incoming>, GatewayResponse, Infallible>;
+pub type Stack = BoxCloneSyncService<http::Request<Incoming>, GatewayResponse, Infallible>;
 
 /// Builds the request path for one runtime (config and the state built from it).
 pub fn build(runtime: Arc<Runtime>) -> Stack {
@@ -65,7 +65,7 @@ pub fn build(runtime: Arc<Runtime>) -> Stack {
         ))
         .layer(cache::CacheLayer::new(runtime.cache.clone(), runtime.config.cache.clone()))
         .service(retry::Retry::new(runtime.config.retry.clone()));
-    BoxCloneService::new(stack)
+    BoxCloneSyncService::new(stack)
 }
 
 /// A request that has passed ingress: body read (or ready to stream), caller known,

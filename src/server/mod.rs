@@ -11,17 +11,20 @@ use std::{future::Future, sync::Arc, time::Duration};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
-    service::TowerToHyperService,
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{pipeline, runtime::Runtime};
+use tower::ServiceExt;
+
+use crate::{config::Overrides, runtime::Runtime};
 
 pub mod admin;
+pub mod reload;
 mod tls;
 
 pub use admin::Health;
+pub use reload::Live;
 
 /// How long a client may take to finish a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,12 +35,23 @@ pub async fn serve(
     runtime: Arc<Runtime>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), crate::error::StartupError> {
+    serve_live(listener, Arc::new(Live::new(runtime)), shutdown).await
+}
+
+/// [`serve`], with the request path taken from `live` per request, so a reload
+/// applies to the next request on every connection.
+pub async fn serve_live(
+    listener: TcpListener,
+    live: Arc<Live>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), crate::error::StartupError> {
+    let runtime = live.runtime();
     let tls = match &runtime.config.server.tls {
         Some(files) => Some(TlsAcceptor::from(tls::server_config(files)?)),
         None => None,
     };
     let grace = runtime.config.server.shutdown_grace;
-    let stack = pipeline::build(runtime);
+    drop(runtime);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
@@ -60,7 +74,8 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(stack.clone());
+        let live = live.clone();
+        let service = hyper::service::service_fn(move |request| live.stack().oneshot(request));
         match &tls {
             None => {
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -100,8 +115,12 @@ pub async fn serve(
 }
 
 /// Runs the gateway for the `serve` command: binds both listeners, logs the startup
-/// line, serves until SIGTERM or SIGINT, then drains (a second signal exits at once).
-pub async fn run(config: crate::config::Config) -> Result<(), crate::error::StartupError> {
+/// line, reloads on SIGHUP, serves until SIGTERM or SIGINT, then drains (a second
+/// signal exits at once).
+pub async fn run(
+    config: crate::config::Config,
+    overrides: Overrides,
+) -> Result<(), crate::error::StartupError> {
     use crate::error::StartupError;
 
     let runtime = Arc::new(Runtime::new(config)?);
@@ -129,7 +148,11 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     }
+    // Every signal is handled from before the startup line on, so a supervisor that
+    // signals right after it is never met by a default action (SIGHUP would kill).
     let mut signals = ShutdownSignals::install()?;
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| StartupError::Other(format!("cannot handle SIGHUP: {error}")))?;
     log_startup(&runtime, &listener, admin_addr);
 
     let health_on_signal = health.clone();
@@ -143,7 +166,10 @@ pub async fn run(config: crate::config::Config) -> Result<(), crate::error::Star
             std::process::exit(0);
         });
     };
-    let served = serve(listener, runtime, shutdown).await;
+    let source = runtime.config.source.clone();
+    let live = Arc::new(Live::new(runtime));
+    tokio::spawn(reload::on_sighup(hangups, live.clone(), source, overrides));
+    let served = serve_live(listener, live, shutdown).await;
     let _ = stop.send(true);
     served
 }

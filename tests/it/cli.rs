@@ -12,7 +12,7 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_spillway");
 
 /// The binary with a clean environment (no SPILLWAY_* or RUST_LOG from the caller).
-fn spillway(dir: &Path) -> Command {
+pub fn spillway(dir: &Path) -> Command {
     let mut command = Command::new(BIN);
     command.current_dir(dir).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
     command
@@ -131,13 +131,13 @@ fn a_bad_config_exits_1_and_a_taken_port_exits_2() {
 }
 
 /// A running gateway process and its startup line.
-struct Running {
+pub struct Running {
     child: Child,
-    started: Value,
+    pub started: Value,
 }
 
 impl Running {
-    fn start(command: &mut Command) -> Self {
+    pub fn start(command: &mut Command) -> Self {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
         let (found, lines) = std::sync::mpsc::channel();
@@ -153,7 +153,17 @@ impl Running {
         Self { child, started }
     }
 
-    fn terminate(self) -> i32 {
+    /// The listen address from the startup line.
+    pub fn addr(&self) -> String {
+        self.started["listen"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        assert!(sent.expect("kill runs").success());
+    }
+
+    pub fn terminate(self) -> i32 {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
         assert!(sent.success());

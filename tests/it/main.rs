@@ -8,6 +8,7 @@ mod mock_selftest;
 mod openai_sdk;
 mod proxy;
 mod rate_limits;
+mod reload;
 mod retries;
 mod streaming;
 mod support;

@@ -1,0 +1,58 @@
+//! Hot reload of the real binary: SIGHUP applies a changed limit without a restart,
+//! and an invalid file keeps the running config.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{
+    cli::{Running, spillway},
+    support::upstream::MockUpstream,
+};
+
+fn config(base_url: &str, requests_per_minute: u32) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[limits.default]\nrequests_per_minute = {requests_per_minute}\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{base_url}\"\n\n[cache]\nenabled = false\n"
+    )
+}
+
+#[tokio::test]
+async fn sighup_changes_a_limit_live_and_an_invalid_file_changes_nothing() {
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    std::fs::write(&path, config(&upstream.base_url(), 1)).expect("write config");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", running.addr());
+    let chat = || {
+        client.post(&url).bearer_auth("sk-caller").json(&json!({"model": "gpt-4o", "messages": []})).send()
+    };
+
+    assert_eq!(chat().await.expect("answer").status(), 200);
+    assert_eq!(chat().await.expect("answer").status(), 429);
+
+    std::fs::write(&path, config(&upstream.base_url(), 1000)).expect("rewrite config");
+    running.signal("HUP");
+    // The reload is asynchronous to this test: poll, bounded, until it shows.
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if chat().await.expect("answer").status() == 200 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the new limit never applied");
+
+    std::fs::write(&path, "[server]\nlisten = \"not an address\"\n").expect("break config");
+    running.signal("HUP");
+    for _ in 0..5 {
+        assert_eq!(
+            chat().await.expect("answer").status(),
+            200,
+            "an invalid reload changed the running config"
+        );
+    }
+    assert_eq!(running.terminate(), 0);
+}
