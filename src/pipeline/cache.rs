@@ -123,7 +123,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Cache<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: ProxyRequest) -> Self::Future {
+    fn call(&mut self, request: ProxyRequest) -> Self::Future {
         let inner = self.inner.clone();
         let flights = self.flights.clone();
         let plan =
@@ -148,9 +148,6 @@ impl<S: ProxyService> Service<ProxyRequest> for Cache<S> {
                     }
                 }
             }
-            // A compressed answer could not be replayed to a client that did not ask for
-            // that encoding; the hop to the upstream carries it plain.
-            request.head.headers.remove(header::ACCEPT_ENCODING);
             let response = inner.oneshot(request).await?;
             let response = match response.status() == StatusCode::OK && plan.ttl > Duration::ZERO {
                 true => capture(response, store, plan, flight),

@@ -107,6 +107,9 @@ fn upstream_request(
             // The body may have been rewritten (stream usage): its length is what
             // hyper declares, not what the client did.
             headers.remove(header::CONTENT_LENGTH);
+            // JSON answers must stay readable: usage is read from them, usage chunks
+            // stripped, and cached ones replayed to clients of any encoding.
+            headers.remove(header::ACCEPT_ENCODING);
             Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync()
         }
         RequestBody::Streaming(body) => body

@@ -106,7 +106,7 @@ async fn proxy_request(
     let deadline = Instant::now() + runtime.config.server.request_timeout;
     let (head, body) = request.into_parts();
     let path = head.uri.path();
-    if path != "/v1" && !path.starts_with("/v1/") {
+    if (path != "/v1" && !path.starts_with("/v1/")) || has_dot_segment(path) {
         return Err(GatewayError::UnknownPath(path.to_owned()));
     }
     let caller = auth::authenticate(&head.headers, runtime.config.auth, &runtime.keys)?;
@@ -119,7 +119,11 @@ async fn proxy_request(
     let mut strip_usage = false;
     let (body, call) = if is_json(&head) {
         let mut bytes = read_whole(body, limit).await?;
-        let call = CallSummary::parse(&bytes).map_err(GatewayError::InvalidJson)?;
+        // SDKs send a JSON content type on GET and DELETE too, with no body.
+        let call = match bytes.is_empty() && head.method != http::Method::POST {
+            true => CallSummary::default(),
+            false => CallSummary::parse(&bytes).map_err(GatewayError::InvalidJson)?,
+        };
         // Token accounting needs a stream's usage: ask for it on the client's behalf,
         // and have it stripped again on the way back.
         if USAGE_ENDPOINTS.contains(&head.uri.path())
@@ -164,6 +168,15 @@ fn is_json(head: &http::request::Parts) -> bool {
         }
         None => head.method == http::Method::POST && JSON_ENDPOINTS.contains(&head.uri.path()),
     }
+}
+
+/// Whether a path has a `.` or `..` segment (also percent-encoded): such a path could
+/// climb out of an upstream's base path once the upstream normalises it.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -89,6 +89,8 @@ pub struct Metered {
     tail: Option<Bytes>,
     /// A cache hit: no tokens were spent upstream.
     free: bool,
+    /// The inner body has ended.
+    ended: bool,
 }
 
 impl Metered {
@@ -113,7 +115,14 @@ impl Metered {
             Watch::Opaque
         };
         let model = model.unwrap_or_default();
-        response.map(|body| Self { body, watch, settlement, model, tail: None, free: hit }.boxed_unsync())
+        let mut response = response;
+        if strip_usage && matches!(watch, Watch::Stream(_)) {
+            // Stripping shortens the body: its upstream length no longer holds.
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        response.map(|body| {
+            Self { body, watch, settlement, model, tail: None, free: hit, ended: false }.boxed_unsync()
+        })
     }
 
     /// Settles with the best usage known now.
@@ -123,7 +132,7 @@ impl Metered {
             _ if self.free => 0,
             Watch::Stream(watch) => match watch.usage() {
                 Some(usage) => usage.total_tokens,
-                None => settlement.estimate.prompt + tokens::count_text(&self.model, watch.completion_text()),
+                None => settlement.estimate.prompt + watch.completion_tokens(&self.model),
             },
             Watch::Json { frames, .. } if complete => {
                 let body: Vec<u8> = frames.concat();
@@ -152,6 +161,7 @@ impl Body for Metered {
             let frame = match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
+                    this.ended = true;
                     if let Watch::Stream(watch) = &mut this.watch
                         && let Some(tail) = watch.finish()
                     {
@@ -193,7 +203,11 @@ impl Body for Metered {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.tail.is_none() && self.body.is_end_stream()
+        match self.watch {
+            // A held-back last event may still be due after the inner body ends.
+            Watch::Stream(_) => self.ended && self.tail.is_none(),
+            _ => self.body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

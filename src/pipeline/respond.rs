@@ -5,6 +5,8 @@
 //! `error.rs`. The response carries a [`Failure`] extension so `observe` can log the
 //! error once, at its level.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use http_body_util::{BodyExt, Full};
@@ -40,7 +42,13 @@ pub fn error_response(error: &GatewayError) -> GatewayResponse {
             admit::insert_retry_after(headers, *retry_after);
             admit::insert_ratelimit_headers(headers, snapshot);
         }
-        GatewayError::NeverFits { snapshot, .. } => admit::insert_ratelimit_headers(headers, snapshot),
+        GatewayError::NeverFits { snapshot, .. } => {
+            // Every gateway 429 says when to come back; for a request that can never fit
+            // that is when the bucket is full, which is as good as it gets.
+            let full = snapshot.tokens.map_or(Duration::ZERO, |tokens| tokens.reset);
+            admit::insert_retry_after(headers, full.max(Duration::from_secs(1)));
+            admit::insert_ratelimit_headers(headers, snapshot);
+        }
         _ => {}
     }
     let detail = match error {

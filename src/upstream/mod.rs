@@ -136,22 +136,28 @@ impl UpstreamSet {
     }
 }
 
-/// Picks the upstream for an attempt among `candidates`: by `weight` among those not
-/// cooling down and not `avoid` (the one that just failed, when there is another);
-/// when every candidate is cooling down, the least recently failed one is still tried.
-/// `unit` is a uniform random number in [0, 1).
+/// Picks the upstream for an attempt among `candidates` (in config order): "first
+/// match by order, then weight". The first match and the upstreams listed after it for
+/// the same `models` form the preferred pool, chosen among by `weight`; later matches
+/// are fallbacks. Upstreams cooling down, and `avoid` (the one that just failed), are
+/// skipped while anything else is left; the next pool in order takes over when the
+/// preferred one has nothing usable; when every candidate is cooling down, the least
+/// recently failed one is still tried. `unit` is a uniform random number in [0, 1).
 pub fn choose<'a>(candidates: &'a [Arc<Upstream>], avoid: Option<&str>, unit: f64) -> &'a Arc<Upstream> {
     let now = tokio::time::Instant::now();
-    let usable = |upstream: &&Arc<Upstream>| !upstream.health.is_cooling(now);
-    let mut pool: Vec<&Arc<Upstream>> =
-        candidates.iter().filter(usable).filter(|up| Some(up.name.as_str()) != avoid).collect();
-    if pool.is_empty() {
-        pool = candidates.iter().filter(usable).collect();
-    }
-    if pool.is_empty() {
+    let warm = |up: &&Arc<Upstream>| !up.health.is_cooling(now);
+    let fresh = |up: &&Arc<Upstream>| warm(up) && Some(up.name.as_str()) != avoid;
+    let anchor = candidates.iter().find(fresh).or_else(|| candidates.iter().find(warm));
+    let Some(anchor) = anchor else {
         // All cooling: the one whose last failure is oldest is the best bet.
         return candidates.iter().min_by_key(|up| up.health.last_failure()).unwrap_or(&candidates[0]);
-    }
+    };
+    let fresh_anchor = fresh(&anchor);
+    let pool: Vec<&Arc<Upstream>> = candidates
+        .iter()
+        .filter(|up| up.models.patterns == anchor.models.patterns)
+        .filter(|up| if fresh_anchor { fresh(up) } else { warm(up) })
+        .collect();
     let total: u64 = pool.iter().map(|up| u64::from(up.weight)).sum();
     let mut ticket = (unit.clamp(0.0, 1.0) * total as f64) as u64;
     for upstream in &pool {
@@ -160,7 +166,7 @@ pub fn choose<'a>(candidates: &'a [Arc<Upstream>], avoid: Option<&str>, unit: f6
         }
         ticket -= u64::from(upstream.weight);
     }
-    pool[pool.len() - 1]
+    pool.last().copied().unwrap_or(anchor)
 }
 
 #[cfg(test)]
@@ -171,7 +177,11 @@ mod tests {
     use crate::config::{ModelGlobs, UpstreamConfig};
 
     fn upstream(name: &str, weight: u32) -> Arc<Upstream> {
-        let models = ModelGlobs { patterns: vec!["*".into()], set: globset::GlobSet::empty() };
+        serving(name, weight, "*")
+    }
+
+    fn serving(name: &str, weight: u32, models: &str) -> Arc<Upstream> {
+        let models = ModelGlobs { patterns: vec![models.into()], set: globset::GlobSet::empty() };
         let config = UpstreamConfig {
             name: name.into(),
             base_url: Uri::from_static("http://127.0.0.1:9/v1"),
@@ -206,5 +216,14 @@ mod tests {
 
         tokio::time::advance(health::COOLDOWN).await;
         assert_eq!(choose(&pool, None, 0.0).name, "a", "cool-downs end by themselves");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_match_is_a_fallback_not_a_share() {
+        let pool = [serving("primary", 1, "gpt-*"), serving("catch-all", 100, "*")];
+        for unit in [0.0, 0.5, 0.99] {
+            assert_eq!(choose(&pool, None, unit).name, "primary");
+        }
+        assert_eq!(choose(&pool, Some("primary"), 0.0).name, "catch-all");
     }
 }

@@ -109,7 +109,7 @@ async fn a_request_larger_than_the_token_bucket_is_refused_at_once() {
     let response = gateway.post_json("/v1/chat/completions", &body).await;
 
     assert_eq!(response.status(), 429);
-    assert!(response.headers().get("retry-after").is_none(), "waiting cannot help");
+    assert!(response.headers().get("retry-after").is_some(), "every gateway 429 carries retry-after");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"]["type"], "tokens");
     assert!(body["error"]["message"].as_str().unwrap_or_default().contains("never fit"), "{body}");
@@ -288,4 +288,26 @@ async fn a_stream_is_charged_its_real_usage_when_it_ends() {
     let remaining = number(&next, "x-ratelimit-remaining-tokens");
     let used = (PROMPT_TOKENS + COMPLETION_TOKENS) as i64;
     assert!((60 - used - 3..=60 - used - 3 + 2).contains(&remaining), "{remaining}");
+}
+
+#[tokio::test]
+async fn a_stripped_stream_with_a_declared_length_still_ends_cleanly() {
+    // An upstream that writes its whole stream at once, with a content-length.
+    let usage = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+        "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}});
+    let chunk = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]});
+    let text = format!("data: {chunk}\n\ndata: {usage}\n\ndata: [DONE]\n\n");
+    let upstream = MockUpstream::new()
+        .reply(Reply::bytes(200, text).header("content-type", "text/event-stream"))
+        .start()
+        .await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    let response = gateway.chat("gpt-4o", true).await;
+    let body = response.bytes().await.expect("the stream ends cleanly");
+    let body = String::from_utf8_lossy(&body);
+
+    assert!(!body.contains("\"usage\":{"), "{body}");
+    assert!(body.contains("\"content\":\"hi\"") && body.ends_with("data: [DONE]\n\n"), "{body}");
 }
