@@ -16,6 +16,7 @@
 //!   trait.
 //! - [`openai`]: the few fields of OpenAI's wire format the gateway reads.
 //! - [`error`]: gateway errors and the table mapping them to status and code.
+//! - [`metrics`]: metric names, the Prometheus recorder, per-request helpers.
 //! - [`secret`]: redacted secret types; [`runtime`]: state built from one config.
 //!
 //! # Request path
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod limit;
+pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod runtime;

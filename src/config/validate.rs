@@ -205,7 +205,8 @@ impl Checker<'_> {
             "" => Some(None),
             _ => self.socket(&raw.admin_listen).map(Some),
         };
-        if listen.is_some() && admin_listen == Some(listen) {
+        // Port 0 asks the system for a free port: two of them never clash.
+        if listen.is_some_and(|addr| addr.port() != 0) && admin_listen == Some(listen) {
             let message =
                 format!("admin_listen is the same address as listen: {:?}", raw.admin_listen.get_ref());
             self.report(

@@ -22,10 +22,12 @@ use tower::{Layer, Service, ServiceExt};
 use super::{
     GatewayResponse, ProxyRequest, ProxyService, RequestBody,
     metered::{Metered, Settlement},
+    respond,
 };
 use crate::{
     error::GatewayError,
     limit::{BucketState, Decision, LimitKind, Limiter, RateSnapshot},
+    metrics,
     openai::tokens,
 };
 
@@ -113,6 +115,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
             let (snapshot, permit) = match decision {
                 Decision::Admitted { snapshot, permit } => (snapshot, permit),
                 Decision::Denied { limit, retry_after, snapshot } => {
+                    metrics::rate_limited(&request.caller.id, limit.as_str());
                     return Err(GatewayError::RateLimited {
                         key: request.caller.id,
                         limit,
@@ -121,6 +124,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
                     });
                 }
                 Decision::TooLarge { capacity, snapshot, .. } => {
+                    metrics::rate_limited(&request.caller.id, LimitKind::Tokens.as_str());
                     let needed = estimate.total();
                     return Err(GatewayError::NeverFits {
                         key: request.caller.id,
@@ -130,7 +134,8 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
                     });
                 }
             };
-            let settlement = Settlement { limiter: limiter.clone(), key, quota, estimate, permit };
+            let caller = request.caller.id.clone();
+            let settlement = Settlement { limiter: limiter.clone(), key, caller, quota, estimate, permit };
             let model = request.call.model.clone();
             match inner.oneshot(request).await {
                 Ok(mut response) => {
@@ -138,9 +143,12 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
                     Ok(Metered::wrap(response, Some(settlement), model, strip_usage))
                 }
                 Err(error) => {
-                    // Nothing reached a model: give the whole estimate back.
+                    // Nothing reached a model: give the whole estimate back. The caller was
+                    // identified, so its 502/504 carries the rate-limit headers too.
                     settlement.refund();
-                    Err(error)
+                    let mut response = respond::error_response(&error);
+                    insert_ratelimit_headers(response.headers_mut(), &snapshot);
+                    Ok(response)
                 }
             }
         })

@@ -47,6 +47,7 @@ use crate::{
     },
     config::{CacheConfig, CacheScope},
     error::{BoxError, GatewayError},
+    metrics,
     openai::sse::StreamWatch,
 };
 
@@ -232,6 +233,7 @@ async fn lookup(store: &dyn CacheStore, plan: &Plan) -> Option<Arc<CachedRespons
 }
 
 fn mark(mut response: GatewayResponse, status: CacheStatus) -> GatewayResponse {
+    metrics::cache_lookup(status.as_str());
     response.headers_mut().insert(X_SPILLWAY_CACHE, HeaderValue::from_static(status.as_str()));
     response.extensions_mut().insert(status);
     response

@@ -25,7 +25,9 @@ use super::{GatewayResponse, ResponseBody, cache::CacheStatus};
 use crate::{
     error::BoxError,
     limit::{BucketKey, Limiter, Permit, Quota},
+    metrics,
     openai::{self, sse::StreamWatch, tokens},
+    secret::KeyId,
 };
 
 /// JSON bodies larger than this are not kept for their `usage` (the estimate stands).
@@ -35,6 +37,8 @@ const MAX_USAGE_BODY: usize = 8 << 20;
 pub struct Settlement {
     pub limiter: Arc<dyn Limiter>,
     pub key: BucketKey,
+    /// The caller's name in metrics.
+    pub caller: KeyId,
     pub quota: Quota,
     pub estimate: tokens::TokenEstimate,
     pub permit: Permit,
@@ -128,16 +132,19 @@ impl Metered {
     /// Settles with the best usage known now.
     fn finish(&mut self, complete: bool) {
         let Some(settlement) = self.settlement.take() else { return };
+        let usage = match &self.watch {
+            _ if self.free => None,
+            Watch::Stream(watch) => watch.usage(),
+            Watch::Json { frames, .. } if complete => openai::usage_from_json(&frames.concat()),
+            _ => None,
+        };
+        if let Some(usage) = &usage {
+            metrics::tokens(&settlement.caller, &self.model, usage.prompt_tokens, usage.completion_tokens);
+        }
         let actual = match &mut self.watch {
             _ if self.free => 0,
-            Watch::Stream(watch) => match watch.usage() {
-                Some(usage) => usage.total_tokens,
-                None => settlement.estimate.prompt + watch.completion_tokens(&self.model),
-            },
-            Watch::Json { frames, .. } if complete => {
-                let body: Vec<u8> = frames.concat();
-                openai::usage_from_json(&body).map_or(settlement.estimate.total(), |usage| usage.total_tokens)
-            }
+            _ if usage.is_some() => usage.map_or(0, |usage| usage.total_tokens),
+            Watch::Stream(watch) => settlement.estimate.prompt + watch.completion_tokens(&self.model),
             Watch::Free => 0,
             _ => settlement.estimate.total(),
         };

@@ -29,7 +29,7 @@ use super::{
     respond::Failure,
     tap::{End, Tap, Tapped},
 };
-use crate::secret::KeyId;
+use crate::{metrics, secret::KeyId};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
@@ -100,10 +100,12 @@ where
             path: request.uri().path().to_owned(),
             ..AccessLine::default()
         };
+        let in_flight = metrics::InFlight::enter();
         let response = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let Ok(mut response) = response.await;
             let line = line.response(&mut response);
+            metrics::response_head(line.overhead, line.upstream.as_ref().map(|outcome| outcome.wait));
             let headers = response.headers_mut();
             headers.insert(X_REQUEST_ID, id);
             let timing = server_timing(&line, headers.get_all(SERVER_TIMING));
@@ -111,7 +113,8 @@ where
             if let Ok(timing) = HeaderValue::try_from(timing) {
                 headers.insert(SERVER_TIMING, timing);
             }
-            Ok(response.map(|body| Tapped::new(body, LogOnEnd { line, span }).boxed_unsync()))
+            Ok(response
+                .map(|body| Tapped::new(body, LogOnEnd { line, span, _in_flight: in_flight }).boxed_unsync()))
         })
     }
 }
@@ -216,6 +219,8 @@ impl AccessLine {
 struct LogOnEnd {
     line: AccessLine,
     span: tracing::Span,
+    /// The request counts as in flight until its body is done.
+    _in_flight: metrics::InFlight,
 }
 
 impl Tap for LogOnEnd {
@@ -226,5 +231,10 @@ impl Tap for LogOnEnd {
     fn end(self, how: End) {
         let _entered = self.span.enter();
         self.line.write(how.as_str());
+        let line = &self.line;
+        let upstream = line.upstream.as_ref().map_or("-", |outcome| outcome.upstream.as_str());
+        let duration = line.started.map(|started| started.elapsed()).unwrap_or_default();
+        let model = line.exchange.model.as_deref().unwrap_or("-");
+        metrics::request(line.exchange.key.as_ref(), model, upstream, line.status, duration);
     }
 }

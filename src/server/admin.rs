@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process runs), `/readyz` (200 while serving,
-//! 503 while draining, with a short JSON detail).
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process
+//! runs), `/readyz` (200 while serving, 503 while draining, with a short JSON detail).
 
 use std::{
     convert::Infallible,
@@ -18,6 +18,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 /// Whether the gateway is taking traffic, shared by the main and admin listeners.
@@ -37,7 +38,12 @@ impl Health {
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()>,
+) {
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
@@ -52,10 +58,10 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Fu
             },
             () = &mut shutdown => return,
         };
-        let health = health.clone();
+        let (health, metrics) = (health.clone(), metrics.clone());
         let service = hyper::service::service_fn(move |request| {
-            let health = health.clone();
-            async move { Ok::<_, Infallible>(route(&request, &health)) }
+            let response = route(&request, &health, metrics.as_ref());
+            async move { Ok::<_, Infallible>(response) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         tokio::spawn(async move {
@@ -66,16 +72,26 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: impl Fu
     }
 }
 
-fn route(request: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
+fn route(
+    request: &Request<Incoming>,
+    health: &Health,
+    metrics: Option<&PrometheusHandle>,
+) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if health.is_draining() => {
-            (StatusCode::SERVICE_UNAVAILABLE, "application/json", r#"{"status":"draining"}"#)
-        }
-        "/readyz" => (StatusCode::OK, "application/json", r#"{"status":"ready"}"#),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        "/metrics" => match metrics {
+            Some(handle) => (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(handle.render())),
+            None => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"metrics are not recorded\n")),
+        },
+        "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/readyz" if health.is_draining() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            Bytes::from_static(br#"{"status":"draining"}"#),
+        ),
+        "/readyz" => (StatusCode::OK, "application/json", Bytes::from_static(br#"{"status":"ready"}"#)),
+        _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
     };
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     response

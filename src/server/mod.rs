@@ -144,7 +144,7 @@ pub async fn run(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
         let mut stopped = stopped.clone();
-        tokio::spawn(admin::serve(admin, health.clone(), async move {
+        tokio::spawn(admin::serve(admin, health.clone(), crate::metrics::install(), async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     }

@@ -10,7 +10,7 @@ async fn healthz_is_200_and_readyz_turns_503_while_draining() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let health = Arc::new(Health::default());
-    tokio::spawn(admin::serve(listener, health.clone(), std::future::pending()));
+    tokio::spawn(admin::serve(listener, health.clone(), None, std::future::pending()));
     let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
 
     assert_eq!(get("/healthz").await.expect("answer").status(), 200);

@@ -1,0 +1,58 @@
+//! `/metrics` on the admin port of the real binary, after some traffic.
+
+use serde_json::json;
+
+use crate::{
+    cli::{Running, spillway},
+    support::upstream::MockUpstream,
+};
+
+#[tokio::test]
+async fn metrics_report_requests_limits_attempts_and_overhead_without_keys() {
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[limits.default]\nrequests_per_minute = 1\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
+    std::fs::write(&path, config).expect("write config");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", running.addr());
+    for expected in [200, 429] {
+        let response = client
+            .post(&url)
+            .bearer_auth("sk-metrics-secret")
+            .json(&json!({"model": "gpt-4o", "messages": []}))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), expected);
+        response.bytes().await.expect("body");
+    }
+
+    let scrape = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape");
+    assert_eq!(scrape.status(), 200);
+    let text = scrape.text().await.expect("text");
+
+    let key = spillway::secret::KeyHash::of(b"sk-metrics-secret").short();
+    for expected in [
+        format!(
+            "spillway_requests_total{{key=\"{key}\",model=\"gpt-4o\",upstream=\"mock\",status=\"200\"}} 1"
+        ),
+        format!("spillway_requests_total{{key=\"{key}\",model=\"gpt-4o\",upstream=\"-\",status=\"429\"}} 1"),
+        format!("spillway_rate_limited_total{{key=\"{key}\",limit=\"requests\"}} 1"),
+        "spillway_upstream_attempts_total{upstream=\"mock\",outcome=\"response\"} 1".to_owned(),
+        "spillway_overhead_seconds_bucket".to_owned(),
+        "spillway_request_duration_seconds_bucket".to_owned(),
+        "spillway_inflight_requests 0".to_owned(),
+        "spillway_cache_lookups_total{result=\"miss\"} 1".to_owned(),
+        "spillway_build_info".to_owned(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected} in:\n{text}");
+    }
+    assert!(!text.contains("sk-metrics-secret"), "a key leaked into /metrics");
+    assert_eq!(running.terminate(), 0);
+}
