@@ -134,6 +134,8 @@ fn a_bad_config_exits_1_and_a_taken_port_exits_2() {
 pub struct Running {
     child: Child,
     pub started: Value,
+    /// Every line the process wrote to stdout (its logs), as they arrive.
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Running {
@@ -141,16 +143,19 @@ impl Running {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
         let (found, lines) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if line.contains("spillway started") {
-                    let _ = found.send(line);
+                    let _ = found.send(line.clone());
                 }
+                kept.lock().expect("logs lock").push(line);
             }
         });
         let line = lines.recv_timeout(Duration::from_secs(20)).expect("startup line within 20 s");
         let started = serde_json::from_str(&line).expect("JSON log line");
-        Self { child, started }
+        Self { child, started, logs }
     }
 
     /// The listen address from the startup line.
@@ -164,9 +169,12 @@ impl Running {
     }
 
     pub fn terminate(self) -> i32 {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
-        assert!(sent.success());
+        self.signal("TERM");
+        self.terminate_after_signal()
+    }
+
+    /// Waits (up to 10 s) for the process to exit after a signal already sent.
+    pub fn terminate_after_signal(self) -> i32 {
         let (exited, exit) = std::sync::mpsc::channel();
         let mut child = self.child;
         std::thread::spawn(move || {

@@ -11,6 +11,7 @@ mod proxy;
 mod rate_limits;
 mod reload;
 mod retries;
+mod shutdown;
 mod streaming;
 mod support;
 mod tls;
