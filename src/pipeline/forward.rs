@@ -52,7 +52,11 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
         Err(error) => return Attempt::Failed { retryable: false, error },
     };
     let attempt_deadline = (Instant::now() + upstream.timeout).min(request.deadline);
-    let sent = tokio::time::timeout_at(attempt_deadline, upstream.client.request(outgoing)).await;
+    let client = match headers::is_upgrade(outgoing.headers()) {
+        true => &upstream.clients.http1,
+        false => &upstream.clients.any,
+    };
+    let sent = tokio::time::timeout_at(attempt_deadline, client.request(outgoing)).await;
     let mut response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {

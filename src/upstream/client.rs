@@ -30,9 +30,19 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 /// provider load balancers allow, so we close first and never write to a dead socket.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
-/// Builds a pooled client that connects within `connect_timeout` and trusts the
-/// system roots, webpki's roots and, if given, the certificates in `ca_file`.
-pub fn build(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<HttpClient, StartupError> {
+/// An upstream's pooled clients: one that speaks h2 where the upstream offers it by
+/// ALPN, and one held to HTTP/1.1 for protocol upgrades (WebSocket), which h2 cannot
+/// carry.
+#[derive(Debug)]
+pub struct Clients {
+    pub any: HttpClient,
+    pub http1: HttpClient,
+}
+
+/// Builds the pooled clients of one upstream: they connect within `connect_timeout`
+/// and trust the system roots, webpki's roots and, if given, the certificates in
+/// `ca_file`.
+pub fn build(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<Clients, StartupError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -45,18 +55,22 @@ pub fn build(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<HttpCl
         .map_err(|error| StartupError::Tls(error.to_string()))?
         .with_root_certificates(root_store(ca_file)?)
         .with_no_client_auth();
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+    let any = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+        .wrap_connector(http.clone());
+    let http1 =
+        HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
+    let pool = |connector| {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector)
+    };
+    Ok(Clients { any: pool(any), http1: pool(http1) })
 }
 
 fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, StartupError> {

@@ -33,7 +33,7 @@ pub struct Upstream {
     pub weight: u32,
     /// Per attempt, until the response head.
     pub timeout: Duration,
-    pub client: HttpClient,
+    pub clients: client::Clients,
     pub health: health::Health,
 }
 
@@ -70,7 +70,7 @@ impl Upstream {
             models: config.models.clone(),
             weight: config.weight.get(),
             timeout: config.timeout,
-            client: client::build(config.connect_timeout, config.ca_file.as_deref())?,
+            clients: client::build(config.connect_timeout, config.ca_file.as_deref())?,
             health: health::Health::default(),
         })
     }
