@@ -135,7 +135,9 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
                 }
             };
             let caller = request.caller.id.clone();
-            let settlement = Settlement { limiter: limiter.clone(), key, caller, quota, estimate, permit };
+            let span = tracing::Span::current();
+            let settlement =
+                Settlement { limiter: limiter.clone(), key, caller, quota, estimate, permit, span };
             let model = request.call.model.clone();
             match inner.oneshot(request).await {
                 Ok(mut response) => {

@@ -24,7 +24,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -277,7 +277,8 @@ fn capture(
     }
     let status = response.status();
     response.map(|body| {
-        let pending = Pending { store, plan, status, headers: kept, _flight: flight };
+        let pending =
+            Pending { store, plan, status, headers: kept, span: tracing::Span::current(), _flight: flight };
         let watch = stream.then(|| Box::new(StreamWatch::new(false)));
         Tapped::new(body, Capture { frames: Vec::new(), len: 0, watch, pending: Some(pending) })
             .boxed_unsync()
@@ -290,6 +291,8 @@ struct Pending {
     plan: Plan,
     status: StatusCode,
     headers: HeaderMap,
+    /// The request's span, for the store's log lines.
+    span: tracing::Span,
     /// Dropped after the entry is stored: waiters then find it.
     _flight: Option<FlightGuard>,
 }
@@ -300,19 +303,15 @@ impl Pending {
             true => CachedBody::Events(frames),
             false => CachedBody::Full(frames.concat().into()),
         };
-        let Pending { store, plan, status, headers, _flight } = self;
+        let Pending { store, plan, status, headers, span, _flight } = self;
         let entry = CachedResponse { identity: plan.identity, status, headers, body, ttl: plan.ttl };
-        let mut storing = Box::pin(async move {
+        // The memory store answers at once; a remote tier finishes in the background.
+        super::finish_soon(span, async move {
             if let Err(error) = store.put(plan.key, Arc::new(entry)).await {
                 tracing::debug!(%error, "cache store failed; response not cached");
             }
             drop(_flight);
         });
-        // The memory store answers at once; a remote tier finishes in the background,
-        // never delaying the response.
-        if storing.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
-            tokio::spawn(storing);
-        }
     }
 }
 

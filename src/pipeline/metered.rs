@@ -10,10 +10,9 @@
 //! Responses that are not 2xx, and cache hits, cost no tokens.
 
 use std::{
-    future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
 };
 
 use bytes::Bytes;
@@ -42,6 +41,8 @@ pub struct Settlement {
     pub quota: Quota,
     pub estimate: tokens::TokenEstimate,
     pub permit: Permit,
+    /// The request's span, for the settle's log lines.
+    pub span: tracing::Span,
 }
 
 impl Settlement {
@@ -58,16 +59,13 @@ impl Settlement {
             return;
         }
         let (limiter, key, quota) = (self.limiter, self.key, self.quota);
-        let mut settling = Box::pin(async move {
+        // The local limiter settles at once, so the next request of this caller
+        // already sees it; a remote one finishes in the background.
+        super::finish_soon(self.span, async move {
             if let Err(error) = limiter.settle(&key, &quota, delta).await {
                 tracing::warn!(%error, "could not settle token usage");
             }
         });
-        // The local limiter settles at once, so the next request of this caller
-        // already sees it; a remote one finishes in the background.
-        if settling.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
-            tokio::spawn(settling);
-        }
     }
 }
 

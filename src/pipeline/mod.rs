@@ -20,7 +20,12 @@
 //! passes down as fields of `ProxyRequest`; what stages learn on the way back (upstream,
 //! attempts, errors) rides in response extensions for `observe` to log.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::Arc,
+    task::{Context, Waker},
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response};
@@ -111,4 +116,14 @@ impl<S> ProxyService for S where
         + Send
         + 'static
 {
+}
+
+/// Runs `work` now if it completes at once (the in-memory backends), or in the
+/// background (a remote backend), so it never delays a response. It runs in `span`, the
+/// request's, so its log lines carry the request id.
+pub(crate) fn finish_soon(span: tracing::Span, work: impl Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(tracing::Instrument::instrument(work, span));
+    if work.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+        tokio::spawn(work);
+    }
 }
