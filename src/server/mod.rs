@@ -154,6 +154,12 @@ pub async fn run(
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|error| StartupError::Other(format!("cannot handle SIGHUP: {error}")))?;
     log_startup(&runtime, &listener, admin_addr);
+    if runtime.config.redis.is_some() {
+        tracing::warn!(
+            "[redis] is configured, but this version keeps limits and cache in memory only: \
+             each replica enforces the full quota and caches on its own"
+        );
+    }
 
     let health_on_signal = health.clone();
     let shutdown = async move {
