@@ -157,17 +157,18 @@ async fn proxy_request(
     Ok(ProxyRequest { id, head, body, caller, call, strip_usage, upstreams, deadline })
 }
 
-/// Whether the body is JSON to read whole: a JSON content type, or none on an
-/// endpoint that only takes JSON. Multipart and binary bodies stream through.
+/// Whether the body is JSON to read whole: a JSON content type anywhere, and any body
+/// but a multipart one on an endpoint that only takes JSON (so a key's model list
+/// cannot be sidestepped with another content type, and `curl -d` works). Multipart
+/// and binary bodies elsewhere stream through.
 fn is_json(head: &http::request::Parts) -> bool {
-    match head.headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) {
-        Some(content_type) => {
-            let essence = content_type.split(';').next().unwrap_or_default().trim();
-            essence.eq_ignore_ascii_case("application/json")
-                || essence.to_ascii_lowercase().ends_with("+json")
-        }
-        None => head.method == http::Method::POST && JSON_ENDPOINTS.contains(&head.uri.path()),
-    }
+    let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
+    let essence =
+        content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let json_only = head.method == http::Method::POST && JSON_ENDPOINTS.contains(&head.uri.path());
+    essence == "application/json"
+        || essence.ends_with("+json")
+        || (json_only && !essence.starts_with("multipart/"))
 }
 
 /// Whether a path has a `.` or `..` segment (also percent-encoded): such a path could

@@ -116,6 +116,18 @@ async fn models_outside_a_keys_globs_are_403() {
     assert_eq!(upstream.calls(), 0);
 
     assert_eq!(chat("gpt-4o-mini").await.expect("answer").status(), 200);
+
+    // Another content type does not sidestep the model list.
+    let sidestep = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("gw-search")
+        .header("content-type", "text/plain")
+        .body(r#"{"model":"o3","messages":[]}"#)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(sidestep.status(), 403);
+    assert_eq!(upstream.calls(), 1);
 }
 
 #[tokio::test]
