@@ -59,6 +59,12 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub tls: Option<TlsFiles>,
+    /// A client must send a request's whole head within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (HTTP/1.1 buffer, h2 header list).
+    pub max_header_size: ByteSize,
+    /// Connections open at once; more are closed as they arrive.
+    pub max_connections: NonZeroU32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

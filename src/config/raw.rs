@@ -72,6 +72,9 @@ pub(crate) struct RawServer {
     pub request_timeout: Spanned<String>,
     pub shutdown_grace: Spanned<String>,
     pub tls: Option<Spanned<RawTls>>,
+    pub header_read_timeout: Spanned<String>,
+    pub max_header_size: Spanned<String>,
+    pub max_connections: Spanned<i64>,
 }
 
 impl Default for RawServer {
@@ -83,6 +86,9 @@ impl Default for RawServer {
             request_timeout: builtin("10m"),
             shutdown_grace: builtin("30s"),
             tls: None,
+            header_read_timeout: builtin("30s"),
+            max_header_size: builtin("64KiB"),
+            max_connections: builtin(10_000),
         }
     }
 }

@@ -50,11 +50,21 @@ pub async fn serve_live(
         Some(files) => Some(TlsAcceptor::from(tls::server_config(files)?)),
         None => None,
     };
-    let grace = runtime.config.server.shutdown_grace;
-    drop(runtime);
+    let server = &runtime.config.server;
+    let grace = server.shutdown_grace;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(server.max_header_size.as_usize().max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_size.as_u64()).unwrap_or(u32::MAX));
+    let connections = Arc::new(tokio::sync::Semaphore::new(server.max_connections.get() as usize));
+    drop(runtime);
     let graceful = GracefulShutdown::new();
 
     tokio::pin!(shutdown);
@@ -71,6 +81,12 @@ pub async fn serve_live(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            // Over `max_connections`: closed at once, before any byte is read.
+            tracing::debug!(%peer, "connection refused: max_connections reached");
+            drop(stream);
+            continue;
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
@@ -84,6 +100,7 @@ pub async fn serve_live(
                     if let Err(error) = connection.await {
                         tracing::debug!(%error, %peer, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
             Some(acceptor) => {
@@ -100,6 +117,7 @@ pub async fn serve_live(
                     if let Err(error) = watcher.watch(connection.into_owned()).await {
                         tracing::debug!(%error, %peer, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
         }

@@ -4,6 +4,7 @@ mod admin;
 mod cache;
 mod cli;
 mod errors;
+mod listener;
 mod metrics;
 mod mock_selftest;
 mod openai_sdk;

@@ -1,0 +1,77 @@
+//! Protection of the listener itself: slow heads, oversized heads, too many
+//! connections.
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::support::{gateway::TestGateway, upstream::MockUpstream};
+
+fn server(settings: &str, base_url: &str) -> String {
+    format!(
+        "[server]\nadmin_listen = \"\"\n{settings}\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{base_url}\"\n\n[cache]\nenabled = false\n"
+    )
+}
+
+/// Reads until the server closes the connection (bounded), returning what it sent.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_head_that_never_finishes_is_cut_after_header_read_timeout() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&server("header_read_timeout = \"300ms\"", &upstream.base_url())).await;
+
+    let mut slow = TcpStream::connect(gateway.addr).await.expect("connect");
+    slow.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n").await.expect("half a head");
+    let started = tokio::time::Instant::now();
+    read_until_closed(&mut slow).await;
+
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before the timeout");
+}
+
+#[tokio::test]
+async fn an_oversized_head_is_refused() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&server("max_header_size = \"16KiB\"", &upstream.base_url())).await;
+
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    let big = "a".repeat(32 * 1024);
+    let request = format!("GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let answer = read_until_closed(&mut stream).await;
+
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_on_arrival() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&server("max_connections = 2", &upstream.base_url())).await;
+
+    let first = TcpStream::connect(gateway.addr).await.expect("connect");
+    let _second = TcpStream::connect(gateway.addr).await.expect("connect");
+    // Let the accept loop take both before the third arrives.
+    let mut third = TcpStream::connect(gateway.addr).await.expect("the kernel accepts");
+    assert_eq!(read_until_closed(&mut third).await, "", "the third connection got an answer");
+
+    drop(first);
+    let mut admitted = None;
+    for _ in 0..50 {
+        let response =
+            reqwest::Client::new().get(gateway.url("/v1/models")).bearer_auth("sk-caller").send().await;
+        if let Ok(response) = response {
+            admitted = Some(response.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(admitted.map(|status| status.as_u16()), Some(200), "a freed slot was not reused");
+}
