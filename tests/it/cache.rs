@@ -158,7 +158,9 @@ async fn cut_streams_and_errors_are_not_stored() {
 
 #[tokio::test]
 async fn concurrent_identical_misses_make_one_upstream_call() {
-    let upstream = MockUpstream::new().reply(Reply::openai().delay(Duration::from_millis(300))).start().await;
+    // Long enough for all ten to arrive while the first is still waiting.
+    let upstream =
+        MockUpstream::new().reply(Reply::openai().delay(Duration::from_millis(1000))).start().await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
 
     let body = chat_body();
@@ -172,7 +174,7 @@ async fn concurrent_identical_misses_make_one_upstream_call() {
 #[tokio::test]
 async fn a_failed_leader_does_not_poison_its_waiters() {
     let upstream = MockUpstream::new()
-        .reply(Reply::server_error(503).delay(Duration::from_millis(300)))
+        .reply(Reply::server_error(503).delay(Duration::from_millis(1000)))
         .reply(Reply::openai())
         .start()
         .await;
