@@ -20,6 +20,7 @@ pub const RATE_LIMITED: &str = "spillway_rate_limited_total";
 pub const CACHE_LOOKUPS: &str = "spillway_cache_lookups_total";
 pub const TOKENS: &str = "spillway_tokens_total";
 pub const BUILD_INFO: &str = "spillway_build_info";
+pub const RELOADS: &str = "spillway_config_reloads_total";
 
 /// Installs the process-wide Prometheus recorder, once. `None` if one was installed
 /// already (an embedding process, or tests starting several gateways).

@@ -192,6 +192,9 @@ pub async fn run(
     };
     let source = runtime.config.source.clone();
     let live = Arc::new(Live::new(runtime));
+    if let Some(path) = source.clone() {
+        tokio::spawn(reload::on_file_change(live.clone(), path, overrides.clone()));
+    }
     tokio::spawn(reload::on_sighup(hangups, live.clone(), source, overrides));
     let served = serve_live(listener, live, shutdown).await;
     let _ = stop.send(true);

@@ -1,5 +1,5 @@
-//! Hot reload: the request path in service is swapped atomically on SIGHUP, without
-//! dropping a connection.
+//! Hot reload: the request path in service is swapped atomically on SIGHUP or when
+//! the config file changes, without dropping a connection.
 //!
 //! A reload reads and validates the config file again (with the same flag and
 //! environment overrides); an invalid one is logged with every error and the running
@@ -8,7 +8,10 @@
 //! unchanged, the cache. Requests already in flight finish on the runtime they started
 //! with; the listener address, TLS files and shutdown grace are read at startup only.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::Signal;
@@ -51,21 +54,63 @@ impl Live {
 /// (built-in defaults) there is nothing to re-read, and the signal is only logged.
 pub async fn on_sighup(mut hangups: Signal, live: Arc<Live>, path: Option<PathBuf>, overrides: Overrides) {
     while hangups.recv().await.is_some() {
-        let Some(path) = &path else {
-            tracing::info!("SIGHUP: running on built-in defaults, no config file to reload");
-            continue;
-        };
-        match config::load(path, &overrides) {
-            Err(diagnostics) => {
-                tracing::error!(file = %path.display(), "config reload refused; the running config stays:\n{diagnostics}");
-            }
-            Ok(config) => match live.runtime().reload(config) {
-                Ok(runtime) => {
-                    live.swap(Arc::new(runtime));
-                    tracing::info!(file = %path.display(), "config reloaded");
-                }
-                Err(error) => tracing::error!(%error, "config reload failed; the running config stays"),
-            },
+        match &path {
+            Some(path) => reload(&live, path, &overrides),
+            None => tracing::info!("SIGHUP: running on built-in defaults, no config file to reload"),
         }
     }
+}
+
+/// Reloads from `path` whenever its directory changes, forever, so editors that replace
+/// the file (write, then rename) and ConfigMap updates are seen too; a burst of events
+/// becomes one reload once the directory has been quiet for [`SETTLE`].
+pub async fn on_file_change(live: Arc<Live>, path: PathBuf, overrides: Overrides) {
+    use notify::{RecursiveMode, Watcher};
+
+    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    // Any change in the directory counts: a Kubernetes ConfigMap update swaps a `..data`
+    // symlink and never touches the file's own name. Reloading an unchanged file keeps
+    // every state.
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|event| !event.kind.is_access()) {
+            let _ = changed.send(());
+        }
+    }) {
+        Ok(watcher) => watcher,
+        Err(error) => return tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only"),
+    };
+    let directory = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Err(error) = watcher.watch(directory, RecursiveMode::NonRecursive) {
+        return tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only");
+    }
+    while changes.recv().await.is_some() {
+        // Let the writer finish: wait until no event came for a moment.
+        while let Ok(Some(())) = tokio::time::timeout(SETTLE, changes.recv()).await {}
+        reload(&live, &path, &overrides);
+    }
+}
+
+/// How long the config file must be quiet before a change is reloaded.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Reads, validates and swaps in the config at `path`, or logs why not.
+fn reload(live: &Live, path: &Path, overrides: &Overrides) {
+    let outcome = match config::load(path, overrides) {
+        Err(diagnostics) => {
+            tracing::error!(file = %path.display(), "config reload refused; the running config stays:\n{diagnostics}");
+            "failed"
+        }
+        Ok(config) => match live.runtime().reload(config) {
+            Ok(runtime) => {
+                live.swap(Arc::new(runtime));
+                tracing::info!(file = %path.display(), "config reloaded");
+                "ok"
+            }
+            Err(error) => {
+                tracing::error!(%error, "config reload failed; the running config stays");
+                "failed"
+            }
+        },
+    };
+    metrics::counter!(crate::metrics::RELOADS, "result" => outcome).increment(1);
 }

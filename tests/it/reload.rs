@@ -19,10 +19,15 @@ fn config(base_url: &str, requests_per_minute: u32) -> String {
 #[tokio::test]
 async fn sighup_changes_a_limit_live_and_an_invalid_file_changes_nothing() {
     let upstream = MockUpstream::new().start().await;
+    // The gateway reads a symlink; the file it points to lives in a directory it does
+    // not watch, so only the signal can make it reload.
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let path = elsewhere.path().join("spillway.toml");
     std::fs::write(&path, config(&upstream.base_url(), 1)).expect("write config");
-    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let link = dir.path().join("spillway.toml");
+    std::os::unix::fs::symlink(&path, &link).expect("symlink");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&link));
     let client = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", running.addr());
     let chat = || {
@@ -54,5 +59,36 @@ async fn sighup_changes_a_limit_live_and_an_invalid_file_changes_nothing() {
             "an invalid reload changed the running config"
         );
     }
+    assert_eq!(running.terminate(), 0);
+}
+
+#[tokio::test]
+async fn a_changed_config_file_is_reloaded_without_a_signal() {
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    std::fs::write(&path, config(&upstream.base_url(), 1000)).expect("write config");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", running.addr());
+    let chat = || {
+        client.post(&url).bearer_auth("sk-caller").json(&json!({"model": "gpt-4o", "messages": []})).send()
+    };
+    assert_eq!(chat().await.expect("answer").status(), 200);
+
+    // An editor's save: write elsewhere, then rename over the file.
+    let saved = dir.path().join("spillway.toml.tmp");
+    std::fs::write(&saved, config(&upstream.base_url(), 1)).expect("write new config");
+    std::fs::rename(&saved, &path).expect("replace config");
+
+    let mut limited = false;
+    for _ in 0..200 {
+        if chat().await.expect("answer").status() == 429 {
+            limited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(limited, "the changed file was never reloaded");
     assert_eq!(running.terminate(), 0);
 }
