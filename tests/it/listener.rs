@@ -75,3 +75,19 @@ async fn connections_past_max_connections_are_closed_on_arrival() {
     }
     assert_eq!(admitted.map(|status| status.as_u16()), Some(200), "a freed slot was not reused");
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&server("header_read_timeout = \"300ms\"", &upstream.base_url())).await;
+
+    let mut idle = TcpStream::connect(gateway.addr).await.expect("connect");
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\r\n")
+        .await
+        .expect("a whole request");
+    let started = tokio::time::Instant::now();
+    let answer = read_until_closed(&mut idle).await;
+
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before going idle");
+}
