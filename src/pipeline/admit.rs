@@ -9,8 +9,6 @@
 //! (the client went away). Callers without any limit skip the limiter entirely.
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -20,7 +18,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{
-    GatewayResponse, ProxyRequest, ProxyService, RequestBody,
+    GatewayResponse, ProxyFuture, ProxyRequest, ProxyService, RequestBody,
     metered::{Metered, Settlement},
     respond,
 };
@@ -68,7 +66,7 @@ pub struct Admit<S> {
 impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
     type Response = GatewayResponse;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
+    type Future = ProxyFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))

@@ -21,8 +21,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -37,7 +35,7 @@ use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{
-    GatewayResponse, ProxyRequest, ProxyService, RequestBody, ResponseBody, respond,
+    GatewayResponse, ProxyFuture, ProxyRequest, ProxyService, RequestBody, ResponseBody, respond,
     tap::{End, Tap, Tapped},
 };
 use crate::{
@@ -118,7 +116,7 @@ pub struct Cache<S> {
 impl<S: ProxyService> Service<ProxyRequest> for Cache<S> {
     type Response = GatewayResponse;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
+    type Future = ProxyFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))

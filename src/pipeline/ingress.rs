@@ -16,7 +16,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderValue, Request, header};
+use http::{Request, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -153,8 +153,7 @@ async fn proxy_request(
     if upstreams.is_empty() {
         return Err(GatewayError::ModelNotFound(call.model.unwrap_or_default()));
     }
-    let id = head.headers.get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_static("-"));
-    Ok(ProxyRequest { id, head, body, caller, call, strip_usage, upstreams, deadline })
+    Ok(ProxyRequest { head, body, caller, call, strip_usage, upstreams, deadline })
 }
 
 /// Whether the body is JSON to read whole: a JSON content type anywhere, and any body

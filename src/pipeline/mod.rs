@@ -28,7 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Response};
+use http::Response;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -76,8 +76,6 @@ pub fn build(runtime: Arc<Runtime>) -> Stack {
 /// A request that has passed ingress: body read (or ready to stream), caller known,
 /// route chosen.
 pub struct ProxyRequest {
-    /// The `x-request-id` sent upstream and back to the client.
-    pub id: HeaderValue,
     /// Method, URI, version, headers and extensions as the client sent them.
     pub head: http::request::Parts,
     pub body: RequestBody,
@@ -100,6 +98,9 @@ pub enum RequestBody {
     /// Any other body (multipart, binary), streamed through; can be sent once.
     Streaming(Option<UpstreamBody>),
 }
+
+/// What every stage below ingress returns.
+pub type ProxyFuture = std::pin::Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
 
 /// A stage below ingress, in the form `tower` composes.
 pub trait ProxyService:

@@ -16,8 +16,6 @@
 //! once only. A client that goes away drops this future, and the loop with it.
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -31,7 +29,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::{
-    GatewayResponse, ProxyRequest, RequestBody,
+    GatewayResponse, ProxyFuture, ProxyRequest, RequestBody,
     forward::{self, Attempt},
     observe::UpstreamOutcome,
 };
@@ -57,7 +55,7 @@ impl Retry {
 impl Service<ProxyRequest> for Retry {
     type Response = GatewayResponse;
     type Error = GatewayError;
-    type Future = Pin<Box<dyn Future<Output = Result<GatewayResponse, GatewayError>> + Send>>;
+    type Future = ProxyFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         Poll::Ready(Ok(()))

@@ -130,10 +130,6 @@ impl UpstreamSet {
             None => self.upstreams.first().cloned().into_iter().collect(),
         }
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Upstream>> {
-        self.upstreams.iter()
-    }
 }
 
 /// Picks the upstream for an attempt among `candidates` (in config order): "first
