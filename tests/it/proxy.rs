@@ -14,14 +14,7 @@ async fn request_bodies_reach_the_upstream_byte_identical() {
     // Odd spacing, key order and escapes must survive untouched.
     let body = "{ \"model\" :\"gpt-4o-mini\",\n\t\"messages\":[{\"role\":\"user\",\"content\":\"h\\u00e9llo\"}] ,\"temperature\":0.70 }";
 
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.post_raw("/v1/chat/completions", body).await;
 
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.expect("json answer");

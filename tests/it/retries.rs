@@ -26,14 +26,7 @@ async fn a_429_is_retried_after_the_wait_the_upstream_asked_for() {
     let body = r#"{"model":"gpt-4o",  "messages":[{"role":"user","content":"hi"}]}"#;
 
     let started = tokio::time::Instant::now();
-    let response = http()
-        .post(gateway.url("/v1/chat/completions"))
-        .bearer_auth("sk-caller")
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("gateway answers");
+    let response = gateway.post_raw("/v1/chat/completions", body).await;
 
     assert_eq!(response.status(), 200);
     assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());

@@ -44,6 +44,13 @@ impl TestGateway {
         http().post(self.url(path)).bearer_auth("sk-caller").json(body).send().await.expect("gateway answers")
     }
 
+    /// `POST path` with these exact JSON body bytes, as caller `sk-caller`.
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> reqwest::Response {
+        let request =
+            http().post(self.url(path)).bearer_auth("sk-caller").header("content-type", "application/json");
+        request.body(body).send().await.expect("gateway answers")
+    }
+
     /// A chat completion for `model` (streamed with `stream`), as caller `sk-caller`.
     pub async fn chat(&self, model: &str, stream: bool) -> reqwest::Response {
         let body = serde_json::json!({"model": model, "messages": [], "stream": stream});
