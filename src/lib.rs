@@ -38,6 +38,7 @@ pub mod limit;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
+pub mod redis_link;
 pub mod runtime;
 pub mod secret;
 pub mod server;

@@ -13,6 +13,7 @@ use crate::{
     config::Config,
     error::StartupError,
     limit::{Limiter, local::LocalLimiter},
+    redis_link::RedisLink,
     upstream::UpstreamSet,
 };
 
@@ -24,27 +25,32 @@ pub struct Runtime {
     pub limiter: Arc<dyn Limiter>,
     /// `None` when `cache.enabled = false`.
     pub cache: Option<Arc<dyn CacheStore>>,
+    /// Distributed mode's connection; `None` without `[redis] url`.
+    pub redis: Option<Arc<RedisLink>>,
 }
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Self, StartupError> {
+        let redis = config.redis.as_ref().map(RedisLink::new).transpose()?;
         let limiter = Arc::new(LocalLimiter::new(config.limits.max_tracked_keys.get()));
         let cache = Self::cache_for(&config);
-        Self::with_state(config, limiter, cache)
+        Self::with_state(config, limiter, cache, redis)
     }
 
-    /// A runtime for `config` that keeps using `limiter` and `cache` (a reload's
-    /// carry-over).
+    /// A runtime for `config` that keeps using `limiter`, `cache` and `redis` (a
+    /// reload's carry-over).
     pub fn with_state(
         config: Config,
         limiter: Arc<dyn Limiter>,
         cache: Option<Arc<dyn CacheStore>>,
+        redis: Option<Arc<RedisLink>>,
     ) -> Result<Self, StartupError> {
         Ok(Self {
             cache,
             upstreams: UpstreamSet::new(&config.upstreams)?,
             keys: KeyTable::new(&config.keys, &config.default_limits),
             limiter,
+            redis,
             config: Arc::new(config),
         })
     }
@@ -58,7 +64,11 @@ impl Runtime {
             true => self.cache.clone(),
             false => Self::cache_for(&config),
         };
-        Self::with_state(config, self.limiter.clone(), cache)
+        let redis = match (&config.redis, &self.redis) {
+            (Some(wanted), Some(link)) if link.serves(wanted) => Some(link.clone()),
+            (wanted, _) => wanted.as_ref().map(RedisLink::new).transpose()?,
+        };
+        Self::with_state(config, self.limiter.clone(), cache, redis)
     }
 
     fn cache_for(config: &Config) -> Option<Arc<dyn CacheStore>> {

@@ -3,3 +3,4 @@
 pub mod certs;
 pub mod gateway;
 pub mod upstream;
+pub mod redis;

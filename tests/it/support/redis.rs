@@ -1,0 +1,96 @@
+//! A real `redis-server` for distributed-mode tests: a child process on a free
+//! loopback port, nothing saved to disk, stopped and started again on the same port
+//! to play an outage.
+//!
+//! Without `redis-server` on the PATH a test is skipped with a note, except when `CI`
+//! is set: there it fails (`.ci/run` installs it).
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server, or `None` (with a note) when `redis-server` is missing and
+    /// `CI` is not set.
+    pub fn start() -> Option<Self> {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed; .ci/run installs it (apt-get install redis-server)"
+            );
+            eprintln!("note: redis-server not found; skipping a distributed-mode test");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let mut server = Self { port, child: None };
+        server.resume();
+        Some(server)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A `[redis]` section for this server with `prefix`.
+    pub fn section(&self, prefix: &str) -> String {
+        format!("[redis]\nurl = \"{}\"\nprefix = \"{prefix}\"\ntimeout = \"250ms\"\n", self.url())
+    }
+
+    /// Kills the server (an outage); its data is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it answers.
+    pub fn resume(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers() {
+            assert!(Instant::now() < deadline, "redis-server did not answer on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a redis-cli-like command through a raw connection; the reply as text.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).expect("write to redis");
+        let mut reply = vec![0u8; 64 * 1024];
+        let n = stream.read(&mut reply).expect("read from redis");
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    }
+
+    fn answers(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.command(&["PING"]).contains("PONG")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
