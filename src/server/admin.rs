@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process
-//! runs), `/readyz` (200 while serving, 503 while draining, with a short JSON detail).
+//! runs), `/readyz` (200 while serving, 503 while draining, with a short JSON detail
+//! that includes the Redis link's state in distributed mode).
 
 use std::{
     convert::Infallible,
@@ -21,19 +22,46 @@ use hyper_util::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-/// Whether the gateway is taking traffic, shared by the main and admin listeners.
-#[derive(Debug, Default)]
+use super::Live;
+
+/// Whether the gateway is taking traffic, shared by the main and admin listeners,
+/// and the request path in service (for the state of its Redis link).
+#[derive(Default)]
 pub struct Health {
     draining: AtomicBool,
+    live: Option<Arc<Live>>,
 }
 
 impl Health {
+    /// Health for the gateway serving `live`.
+    pub fn new(live: Arc<Live>) -> Self {
+        Self { draining: AtomicBool::new(false), live: Some(live) }
+    }
+
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// `/readyz`'s status and JSON detail: 503 while draining; otherwise 200, with the
+    /// Redis link's state in distributed mode (`degraded` still serves, on local state).
+    fn readiness(&self) -> (StatusCode, &'static str) {
+        let redis = self.live.as_ref().and_then(|live| live.runtime().redis.as_ref().map(|link| link.is_up()));
+        match (self.is_draining(), redis) {
+            (true, _) => (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#),
+            (false, None) => (StatusCode::OK, r#"{"status":"ready"}"#),
+            (false, Some(true)) => (StatusCode::OK, r#"{"status":"ready","redis":"ok"}"#),
+            (false, Some(false)) => (StatusCode::OK, r#"{"status":"ready","redis":"degraded"}"#),
+        }
+    }
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").field("draining", &self.is_draining()).finish_non_exhaustive()
     }
 }
 
@@ -83,12 +111,10 @@ fn route(
             None => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"metrics are not recorded\n")),
         },
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
-        "/readyz" if health.is_draining() => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "application/json",
-            Bytes::from_static(br#"{"status":"draining"}"#),
-        ),
-        "/readyz" => (StatusCode::OK, "application/json", Bytes::from_static(br#"{"status":"ready"}"#)),
+        "/readyz" => {
+            let (status, detail) = health.readiness();
+            (status, "application/json", Bytes::from_static(detail.as_bytes()))
+        }
         _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
     };
     let mut response = Response::new(Full::new(body));

@@ -141,6 +141,8 @@ pub async fn run(
 ) -> Result<(), crate::error::StartupError> {
     use crate::error::StartupError;
 
+    // Before anything records a metric (the Redis link sets its gauge when built).
+    let metrics = crate::metrics::install();
     let runtime = Arc::new(Runtime::new(config)?);
     if runtime.config.default_limits.tokens_per_minute.is_some()
         || runtime.config.keys.iter().any(|key| key.limits.tokens_per_minute.is_some())
@@ -158,11 +160,17 @@ pub async fn run(
         None => None,
     };
     let admin_addr = admin.as_ref().and_then(|admin| admin.local_addr().ok());
-    let health = Arc::new(Health::default());
+    if let Some(link) = &runtime.redis {
+        // A reachable Redis is shared from the first request on.
+        link.probe().await;
+    }
+    let source = runtime.config.source.clone();
+    let live = Arc::new(Live::new(runtime));
+    let health = Arc::new(Health::new(live.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
         let mut stopped = stopped.clone();
-        tokio::spawn(admin::serve(admin, health.clone(), crate::metrics::install(), async move {
+        tokio::spawn(admin::serve(admin, health.clone(), metrics, async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     }
@@ -171,13 +179,7 @@ pub async fn run(
     let mut signals = ShutdownSignals::install()?;
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|error| StartupError::Other(format!("cannot handle SIGHUP: {error}")))?;
-    log_startup(&runtime, &listener, admin_addr);
-    if runtime.config.redis.is_some() {
-        tracing::warn!(
-            "[redis] is configured, but this version keeps limits and cache in memory only: \
-             each replica enforces the full quota and caches on its own"
-        );
-    }
+    log_startup(&live.runtime(), &listener, admin_addr);
 
     let health_on_signal = health.clone();
     let shutdown = async move {
@@ -190,8 +192,6 @@ pub async fn run(
             std::process::exit(0);
         });
     };
-    let source = runtime.config.source.clone();
-    let live = Arc::new(Live::new(runtime));
     if let Some(path) = source.clone() {
         tokio::spawn(reload::on_file_change(live.clone(), path, overrides.clone()));
     }
@@ -207,6 +207,8 @@ fn log_startup(runtime: &Runtime, listener: &TcpListener, admin: Option<std::net
     let config = &runtime.config;
     let listen =
         listener.local_addr().map_or_else(|_| config.server.listen.to_string(), |addr| addr.to_string());
+    let (shared_limits, shared_cache) =
+        config.redis.as_ref().map_or((false, false), |redis| (redis.limits, redis.cache));
     let upstreams: Vec<String> =
         config.upstreams.iter().map(|upstream| format!("{}={}", upstream.name, upstream.base_url)).collect();
     tracing::info!(
@@ -216,8 +218,12 @@ fn log_startup(runtime: &Runtime, listener: &TcpListener, admin: Option<std::net
         upstreams = %upstreams.join(","),
         auth = ?config.auth,
         keys = runtime.keys.len(),
-        cache = if runtime.cache.is_some() { "memory" } else { "off" },
-        limiter = "memory",
+        cache = match (&runtime.cache, shared_cache) {
+            (None, _) => "off",
+            (Some(_), false) => "memory",
+            (Some(_), true) => "memory+redis",
+        },
+        limiter = if shared_limits { "redis" } else { "memory" },
         version = env!("CARGO_PKG_VERSION"),
         "spillway started"
     );

@@ -132,7 +132,8 @@ fn a_bad_config_exits_1_and_a_taken_port_exits_2() {
 
 /// A running gateway process and its startup line.
 pub struct Running {
-    child: Child,
+    /// `None` once waited for; a test that fails before that still kills the process.
+    child: Option<Child>,
     pub started: Value,
     /// Every line the process wrote to stdout (its logs), as they arrive.
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -155,7 +156,7 @@ impl Running {
         });
         let line = lines.recv_timeout(Duration::from_secs(20)).expect("startup line within 20 s");
         let started = serde_json::from_str(&line).expect("JSON log line");
-        Self { child, started, logs }
+        Self { child: Some(child), started, logs }
     }
 
     /// The listen address from the startup line.
@@ -164,7 +165,8 @@ impl Running {
     }
 
     pub fn signal(&self, name: &str) {
-        let sent = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+        let pid = self.child.as_ref().map_or(0, Child::id);
+        let sent = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
         assert!(sent.expect("kill runs").success());
     }
 
@@ -174,9 +176,9 @@ impl Running {
     }
 
     /// Waits (up to 10 s) for the process to exit after a signal already sent.
-    pub fn terminate_after_signal(self) -> i32 {
+    pub fn terminate_after_signal(mut self) -> i32 {
         let (exited, exit) = std::sync::mpsc::channel();
-        let mut child = self.child;
+        let Some(mut child) = self.child.take() else { panic!("the gateway was already waited for") };
         std::thread::spawn(move || {
             let _ = exited.send(child.wait().map(|status| status.code()));
             child
@@ -184,6 +186,15 @@ impl Running {
         match exit.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(Some(code))) => code,
             other => panic!("the gateway did not exit cleanly within 10 s of SIGTERM: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

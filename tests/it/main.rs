@@ -3,6 +3,7 @@
 mod admin;
 mod cache;
 mod cli;
+mod distributed_health;
 mod errors;
 mod listener;
 mod metrics;

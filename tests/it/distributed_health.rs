@@ -1,0 +1,88 @@
+//! Distributed mode's health, on the real binary: `/readyz` and `spillway_redis_up`
+//! follow Redis going away and coming back, requests are served all along, and each
+//! change of state is logged once.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::{
+    cli::{Running, spillway},
+    support::{redis::RedisServer, upstream::MockUpstream},
+};
+
+#[tokio::test]
+async fn readyz_and_the_gauge_follow_redis_and_requests_never_wait_for_it() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+         [limits.default]\nrequests_per_minute = 1000\n\n\
+         [[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n\n{}",
+        upstream.base_url(),
+        redis.section("health:")
+    );
+    std::fs::write(&path, config).expect("write config");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    assert_eq!(running.started["limiter"], "redis");
+    let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
+    let state = || async {
+        let ready = reqwest::get(format!("http://{admin}/readyz")).await.expect("readyz");
+        assert_eq!(ready.status(), 200, "redis never makes the gateway unready");
+        let detail = ready.text().await.expect("readyz body");
+        let metrics = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape");
+        let gauge = metrics.text().await.expect("metrics body").lines().find_map(|line| {
+            line.strip_prefix("spillway_redis_up ").map(str::to_owned)
+        });
+        (detail, gauge)
+    };
+    let wait_for = |detail: &'static str, gauge: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = state().await;
+            if seen.0 == detail && seen.1.as_deref() == Some(gauge) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "wanted {detail} and gauge {gauge}, saw {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", running.addr());
+    let chat = || async {
+        let started = Instant::now();
+        let response = client
+            .post(&url)
+            .bearer_auth("sk-health-secret")
+            .json(&json!({"model": "gpt-4o", "messages": []}))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), 200);
+        started.elapsed()
+    };
+
+    // Probed before the startup line: shared from the first request.
+    assert_eq!(state().await, (r#"{"status":"ready","redis":"ok"}"#.to_owned(), Some("1".to_owned())));
+    chat().await;
+
+    redis.stop();
+    for _ in 0..5 {
+        let took = chat().await;
+        assert!(took < Duration::from_secs(1), "a request waited {took:?} on a dead Redis");
+    }
+    wait_for(r#"{"status":"ready","redis":"degraded"}"#, "0").await;
+
+    redis.resume();
+    wait_for(r#"{"status":"ready","redis":"ok"}"#, "1").await;
+    chat().await;
+
+    let logs = running.logs.lock().expect("logs").clone();
+    let count = |needle: &str| logs.iter().filter(|line| line.contains(needle)).count();
+    assert_eq!(count("redis is unreachable"), 1, "the outage is logged once:\n{}", logs.join("\n"));
+    assert_eq!(count("redis is up"), 2, "up at start and on return:\n{}", logs.join("\n"));
+    assert!(logs.iter().all(|line| !line.contains("sk-health-secret")));
+    assert_eq!(running.terminate(), 0);
+}
