@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub max_header_size: ByteSize,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: NonZeroU32,
+    /// A connection with no request in flight for this long is closed (HTTP/2 too).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

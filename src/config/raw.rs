@@ -75,6 +75,7 @@ pub(crate) struct RawServer {
     pub header_read_timeout: Spanned<String>,
     pub max_header_size: Spanned<String>,
     pub max_connections: Spanned<i64>,
+    pub idle_timeout: Spanned<String>,
 }
 
 impl Default for RawServer {
@@ -89,6 +90,7 @@ impl Default for RawServer {
             header_read_timeout: builtin("30s"),
             max_header_size: builtin("64KiB"),
             max_connections: builtin(10_000),
+            idle_timeout: builtin("3m"),
         }
     }
 }

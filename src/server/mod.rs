@@ -9,17 +9,16 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use tower::ServiceExt;
-
 use crate::{config::Overrides, runtime::Runtime};
 
 pub mod admin;
+mod connection;
 pub mod reload;
 mod tls;
 
@@ -63,9 +62,12 @@ pub async fn serve_live(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server.max_header_size.as_u64()).unwrap_or(u32::MAX));
-    let connections = Arc::new(tokio::sync::Semaphore::new(server.max_connections.get() as usize));
+    let max_connections = server.max_connections.get();
+    let idle_timeout = server.idle_timeout;
+    // A connection holds a slot while it lives: the cap, and what draining waits for.
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
     drop(runtime);
-    let graceful = GracefulShutdown::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
 
     tokio::pin!(shutdown);
     loop {
@@ -90,33 +92,23 @@ pub async fn serve_live(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
-        let live = live.clone();
-        let service = hyper::service::service_fn(move |request| live.stack().oneshot(request));
+        let (builder, live, stopped) = (builder.clone(), live.clone(), stopped.clone());
         match &tls {
             None => {
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, %peer, "connection ended with an error");
-                    }
+                    connection::serve(builder, stream, live, stopped, idle_timeout, peer).await;
                     drop(slot);
                 });
             }
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let stream = match handshake.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(error)) => return tracing::debug!(%error, %peer, "TLS handshake failed"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection.into_owned()).await {
-                        tracing::debug!(%error, %peer, "connection ended with an error");
-                    }
+                    connection::serve(builder, stream, live, stopped, idle_timeout, peer).await;
                     drop(slot);
                 });
             }
@@ -125,8 +117,9 @@ pub async fn serve_live(
 
     drop(listener);
     tracing::info!(grace = ?grace, "draining connections");
+    let _ = stop.send(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = connections.acquire_many(max_connections) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("shutdown grace period over; closing the rest"),
     }
     Ok(())

@@ -8,7 +8,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::support::{gateway::TestGateway, upstream::MockUpstream};
+use crate::support::{self, gateway::TestGateway, upstream::MockUpstream};
 
 fn server(settings: &str, base_url: &str) -> String {
     format!(
@@ -90,4 +90,57 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(started.elapsed() >= Duration::from_millis(250), "closed before going idle");
+}
+
+/// An h2c connection (prior knowledge) and a task that ends when the server closes it.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    (sender, tokio::spawn(async move { drop(connection.await) }))
+}
+
+fn models_request(authority: std::net::SocketAddr) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://{authority}/v1/models"))
+        .header("authorization", "Bearer sk-caller")
+        .body(http_body_util::Empty::new())
+        .expect("request")
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_idle_timeout_but_a_slow_stream_is_not() {
+    use http_body_util::BodyExt;
+
+    let upstream = MockUpstream::new()
+        .route("/v1/models", support::upstream::Reply::sse(["a", "b", "c", "d", "e"]).every(Duration::from_millis(150)))
+        .start()
+        .await;
+    let gateway = TestGateway::start(&server("idle_timeout = \"300ms\"", &upstream.base_url())).await;
+    let (mut sender, closed) = h2_connection(gateway.addr).await;
+
+    // Six chunks 150 ms apart: quiet far longer than idle_timeout in all, yet in flight.
+    let started = tokio::time::Instant::now();
+    let response = sender.send_request(models_request(gateway.addr)).await.expect("response head");
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.expect("the whole stream").to_bytes();
+    assert!(started.elapsed() >= Duration::from_millis(600), "the stream was not slow");
+    assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"), "{body:?}");
+
+    // Idle from here: closed after idle_timeout, not before.
+    let idle_since = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), closed).await.expect("closed when idle").expect("task");
+    assert!(idle_since.elapsed() >= Duration::from_millis(250), "closed before idle_timeout");
+}
+
+#[tokio::test]
+async fn idle_timeout_is_checked_in_the_config() {
+    let error = spillway::config::load_str("[server]\nidle_timeout = \"0s\"\n", "t.toml", |_| None, &Default::default())
+        .expect_err("zero is refused");
+    assert!(error.to_string().contains("t.toml:2:16: error: `idle_timeout` must be longer than 0"), "{error}");
 }
