@@ -91,17 +91,6 @@ impl Cli {
     }
 
     fn serve(&self) -> Exit {
-        if let Err(error) = telemetry::init(self.log_format, self.log_level.as_deref()) {
-            eprintln!("error: {error}");
-            return Exit::BadConfig;
-        }
-        let (config, overrides) = match self.load() {
-            Ok(loaded) => loaded,
-            Err(diagnostics) => {
-                eprintln!("{diagnostics}");
-                return Exit::BadConfig;
-            }
-        };
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(runtime) => runtime,
             Err(error) => {
@@ -109,14 +98,31 @@ impl Cli {
                 return Exit::Startup;
             }
         };
-        match runtime.block_on(crate::server::run(config, overrides)) {
-            Ok(()) => Exit::Clean,
+        // Inside the runtime: a trace exporter runs on it.
+        let telemetry = match runtime.block_on(async { telemetry::init(self.log_format, self.log_level.as_deref()) })
+        {
+            Ok(telemetry) => telemetry,
             Err(error) => {
-                tracing::error!(%error, "startup failed");
                 eprintln!("error: {error}");
-                Exit::Startup
+                return Exit::BadConfig;
             }
-        }
+        };
+        let exit = match self.load() {
+            Err(diagnostics) => {
+                eprintln!("{diagnostics}");
+                Exit::BadConfig
+            }
+            Ok((config, overrides)) => match runtime.block_on(crate::server::run(config, overrides)) {
+                Ok(()) => Exit::Clean,
+                Err(error) => {
+                    tracing::error!(%error, "startup failed");
+                    eprintln!("error: {error}");
+                    Exit::Startup
+                }
+            },
+        };
+        runtime.block_on(async { telemetry.shutdown() });
+        exit
     }
 
     /// The config file (if any) and the overrides, loaded and validated.

@@ -94,6 +94,7 @@ where
         let id = request_id(&request);
         request.headers_mut().insert(X_REQUEST_ID, id.clone());
         let span = tracing::info_span!("request", id = id.to_str().unwrap_or("-"));
+        crate::telemetry::continue_trace(&span, request.headers());
         let line = AccessLine {
             started: Some(started),
             method: request.method().clone(),

@@ -9,6 +9,8 @@ mod listener;
 mod metrics;
 mod mock_selftest;
 mod openai_sdk;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod proxy;
 mod rate_limits;
 mod reload;

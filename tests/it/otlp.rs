@@ -1,0 +1,49 @@
+//! OTLP trace export (cargo feature `otlp`), on the real binary: a request's span
+//! reaches the collector, in the caller's trace, and is flushed on SIGTERM.
+
+use serde_json::json;
+
+use crate::{
+    cli::{Running, spillway},
+    support::upstream::{MockUpstream, Reply},
+};
+
+// Two threads: the mock collector answers while the test blocks waiting for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_span_is_exported_in_the_callers_trace() {
+    let upstream = MockUpstream::new().start().await;
+    let collector = MockUpstream::new().route("/v1/traces", Reply::bytes(200, "")).start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    let config =
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n", upstream.base_url());
+    std::fs::write(&path, config).expect("write config");
+    let endpoint = format!("http://{}", collector.addr());
+    let running = Running::start(
+        spillway(dir.path())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .args(["--log-format", "json", "--config"])
+            .arg(&path),
+    );
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", running.addr()))
+        .bearer_auth("sk-otlp-secret")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("body");
+    assert_eq!(running.terminate(), 0);
+
+    let exports = collector.requests();
+    let export = exports.iter().find(|request| request.uri.path() == "/v1/traces").expect("spans were exported");
+    assert_eq!(export.header("content-type"), Some("application/x-protobuf"));
+    let contains = |needle: &[u8]| export.body.windows(needle.len()).any(|window| window == needle);
+    assert!(contains(&hex::decode(trace_id).expect("hex")), "the span is not in the caller's trace");
+    assert!(contains(b"spillway") && contains(b"request"), "service or span name missing");
+    assert!(!contains(b"sk-otlp-secret"), "a key was exported");
+}
