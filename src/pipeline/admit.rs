@@ -80,10 +80,11 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
             let quota = request.caller.quota;
             let strip_usage = request.strip_usage;
             if quota.is_unlimited() {
+                let (caller, model) = (request.caller.id.clone(), request.call.model.clone());
                 let response = inner.oneshot(request).await?;
-                return Ok(match strip_usage {
-                    true => Metered::wrap(response, None, None, true),
-                    false => response,
+                return Ok(match model {
+                    Some(model) => Metered::wrap(response, caller, model, None, strip_usage),
+                    None => response,
                 });
             }
             let estimate = match (&request.body, &request.call.model, quota.tokens_per_minute) {
@@ -134,13 +135,12 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
             };
             let caller = request.caller.id.clone();
             let span = tracing::Span::current();
-            let settlement =
-                Settlement { limiter: limiter.clone(), key, caller, quota, estimate, permit, span };
-            let model = request.call.model.clone();
+            let settlement = Settlement { limiter: limiter.clone(), key, quota, estimate, permit, span };
+            let model = request.call.model.clone().unwrap_or_default();
             match inner.oneshot(request).await {
                 Ok(mut response) => {
                     insert_ratelimit_headers(response.headers_mut(), &snapshot);
-                    Ok(Metered::wrap(response, Some(settlement), model, strip_usage))
+                    Ok(Metered::wrap(response, caller, model, Some(settlement), strip_usage))
                 }
                 Err(error) => {
                     // Nothing reached a model: give the whole estimate back. The caller was

@@ -7,11 +7,13 @@
 //! (a JSON body's, or a stream's final usage chunk); a stream without one is counted
 //! from its text. A usage chunk the gateway asked for on the client's behalf
 //! (`stream_options.include_usage`) is stripped here before the client sees it.
-//! Responses that are not 2xx, and cache hits, cost no tokens.
+//! Responses that are not 2xx, and cache hits, cost no tokens. Every model call is
+//! watched, limited or not, so that its usage reaches `spillway_tokens_total` and the
+//! access-log line ([`UsageSeen`]).
 
 use std::{
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
 };
 
@@ -25,7 +27,7 @@ use crate::{
     error::BoxError,
     limit::{BucketKey, Limiter, Permit, Quota},
     metrics,
-    openai::{self, sse::StreamWatch, tokens},
+    openai::{self, Usage, sse::StreamWatch, tokens},
     secret::KeyId,
 };
 
@@ -36,8 +38,6 @@ const MAX_USAGE_BODY: usize = 8 << 20;
 pub struct Settlement {
     pub limiter: Arc<dyn Limiter>,
     pub key: BucketKey,
-    /// The caller's name in metrics.
-    pub caller: KeyId,
     pub quota: Quota,
     pub estimate: tokens::TokenEstimate,
     pub permit: Permit,
@@ -69,6 +69,17 @@ impl Settlement {
     }
 }
 
+/// The usage a response reported, set when its body ends: a response extension the
+/// access log reads.
+#[derive(Debug, Clone, Default)]
+pub struct UsageSeen(Arc<OnceLock<Usage>>);
+
+impl UsageSeen {
+    pub fn get(&self) -> Option<&Usage> {
+        self.0.get()
+    }
+}
+
 /// What the body is, for finding its usage.
 enum Watch {
     /// `text/event-stream`: events watched (and the usage chunk stripped) as they pass.
@@ -86,22 +97,28 @@ pub struct Metered {
     body: ResponseBody,
     watch: Watch,
     settlement: Option<Settlement>,
+    /// Whose usage, for `spillway_tokens_total`.
+    caller: KeyId,
     model: String,
+    seen: UsageSeen,
     /// A held-back tail to send after the inner body ended.
     tail: Option<Bytes>,
     /// A cache hit: no tokens were spent upstream.
     free: bool,
     /// The inner body has ended.
     ended: bool,
+    /// Usage was looked for (and the settlement made) already.
+    finished: bool,
 }
 
 impl Metered {
-    /// Wraps `response`'s body. `strip_usage`: the client did not ask for the stream's
-    /// usage chunk, the gateway did.
+    /// Wraps `response`'s body, the answer to `caller`'s call of `model`.
+    /// `strip_usage`: the client did not ask for the stream's usage chunk, the gateway did.
     pub fn wrap(
         response: GatewayResponse,
+        caller: KeyId,
+        model: String,
         settlement: Option<Settlement>,
-        model: Option<String>,
         strip_usage: bool,
     ) -> GatewayResponse {
         let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
@@ -116,29 +133,35 @@ impl Metered {
         } else {
             Watch::Opaque
         };
-        let model = model.unwrap_or_default();
         let mut response = response;
         if strip_usage && matches!(watch, Watch::Stream(_)) {
             // Stripping shortens the body: its upstream length no longer holds.
             response.headers_mut().remove(header::CONTENT_LENGTH);
         }
+        let seen = UsageSeen::default();
+        response.extensions_mut().insert(seen.clone());
         response.map(|body| {
-            Self { body, watch, settlement, model, tail: None, free: hit, ended: false }.boxed_unsync()
+            let (tail, free, ended, finished) = (None, hit, false, false);
+            Self { body, watch, settlement, caller, model, seen, tail, free, ended, finished }.boxed_unsync()
         })
     }
 
-    /// Settles with the best usage known now.
+    /// Reads the usage (once): records it, and settles with the best usage known now.
     fn finish(&mut self, complete: bool) {
-        let Some(settlement) = self.settlement.take() else { return };
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let usage = match &self.watch {
             _ if self.free => None,
             Watch::Stream(watch) => watch.usage(),
             Watch::Json { frames, .. } if complete => openai::usage_from_json(&frames.concat()),
             _ => None,
         };
-        if let Some(usage) = &usage {
-            metrics::tokens(&settlement.caller, &self.model, usage.prompt_tokens, usage.completion_tokens);
+        if let Some(usage) = usage {
+            metrics::tokens(&self.caller, &self.model, usage.prompt_tokens, usage.completion_tokens);
+            let _ = self.seen.0.set(usage);
         }
+        let Some(settlement) = self.settlement.take() else { return };
         let actual = match &mut self.watch {
             _ if self.free => 0,
             _ if usage.is_some() => usage.map_or(0, |usage| usage.total_tokens),
@@ -203,6 +226,11 @@ impl Body for Metered {
                 },
                 Err(trailers) => trailers,
             };
+            if !matches!(this.watch, Watch::Stream(_)) && this.body.is_end_stream() {
+                // The client's side may stop polling at this frame (`is_end_stream`):
+                // settle now, before the access log reads the usage.
+                this.finish(true);
+            }
             return Poll::Ready(Some(Ok(frame)));
         }
     }

@@ -26,6 +26,7 @@ use tracing::Instrument;
 use super::{
     GatewayResponse,
     cache::CacheStatus,
+    metered::UsageSeen,
     respond::Failure,
     tap::{End, Tap, Tapped},
 };
@@ -158,6 +159,8 @@ struct AccessLine {
     upstream: Option<UpstreamOutcome>,
     failure: Option<Failure>,
     cache: Option<CacheStatus>,
+    /// The usage the response reports, once its body has ended.
+    usage: Option<UsageSeen>,
     /// Time to the response head spent in the gateway itself (upstream wait excluded).
     overhead: Duration,
     body_bytes: u64,
@@ -171,6 +174,7 @@ impl AccessLine {
         self.upstream = extensions.remove();
         self.failure = extensions.remove();
         self.cache = extensions.remove();
+        self.usage = extensions.remove();
         let to_head = self.started.map(|started| started.elapsed()).unwrap_or_default();
         let waited = self.upstream.as_ref().map(|outcome| outcome.wait).unwrap_or_default();
         self.overhead = to_head.saturating_sub(waited);
@@ -185,6 +189,7 @@ impl AccessLine {
         let attempts = self.upstream.as_ref().map(|outcome| outcome.attempts).unwrap_or(0);
         let error = self.failure.as_ref().map(|failure| failure.code).unwrap_or("-");
         let detail = self.failure.as_ref().map(|failure| failure.message.as_str()).unwrap_or("");
+        let usage = self.usage.as_ref().and_then(UsageSeen::get);
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
@@ -197,6 +202,8 @@ impl AccessLine {
                     upstream,
                     attempts,
                     cache = self.cache.map_or("-", CacheStatus::as_str),
+                    prompt_tokens = usage.map(|usage| usage.prompt_tokens),
+                    completion_tokens = usage.map(|usage| usage.completion_tokens),
                     error,
                     body_bytes = self.body_bytes,
                     overhead_ms = self.overhead.as_secs_f64() * 1000.0,

@@ -56,3 +56,58 @@ async fn metrics_report_requests_limits_attempts_and_overhead_without_keys() {
     assert!(!text.contains("sk-metrics-secret"), "a key leaked into /metrics");
     assert_eq!(running.terminate(), 0);
 }
+
+#[tokio::test]
+async fn each_request_has_one_access_line_with_its_usage_and_no_key() {
+    use crate::support::upstream::{COMPLETION_TOKENS, PROMPT_TOKENS};
+
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
+    std::fs::write(&path, config).expect("write config");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
+    let client = reqwest::Client::new();
+    for (id, stream) in [("req-plain", false), ("req-stream", true)] {
+        let response = client
+            .post(format!("http://{}/v1/chat/completions", running.addr()))
+            .bearer_auth("sk-access-log-secret")
+            .header("x-request-id", id)
+            .json(&json!({"model": "gpt-4o", "messages": [], "stream": stream}))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    let scrape = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape").text().await.expect("text");
+    let logs = running.logs.clone();
+    assert_eq!(running.terminate(), 0);
+
+    let logs = logs.lock().expect("logs").clone();
+    assert!(logs.iter().all(|line| !line.contains("sk-access-log-secret")), "a key reached the logs");
+    for id in ["req-plain", "req-stream"] {
+        let lines: Vec<serde_json::Value> = logs
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["span"]["id"] == id && line.get("latency_ms").is_some())
+            .collect();
+        assert_eq!(lines.len(), 1, "one access line for {id}: {logs:#?}");
+        let line = &lines[0];
+        let key = spillway::secret::KeyHash::of(b"sk-access-log-secret").short();
+        assert_eq!(
+            (&line["key"], &line["model"], &line["upstream"], &line["status"], &line["attempts"], &line["cache"]),
+            (&json!(key), &json!("gpt-4o"), &json!("mock"), &json!(200), &json!(1), &json!("miss")),
+            "{line}"
+        );
+        assert_eq!((&line["prompt_tokens"], &line["completion_tokens"]), (&json!(PROMPT_TOKENS), &json!(COMPLETION_TOKENS)));
+    }
+    // Unlimited callers' usage is counted too.
+    let key = spillway::secret::KeyHash::of(b"sk-access-log-secret").short();
+    let prompt = format!("spillway_tokens_total{{key=\"{key}\",model=\"gpt-4o\",kind=\"prompt\"}} {}", 2 * PROMPT_TOKENS);
+    assert!(scrape.contains(&prompt), "missing {prompt} in:\n{scrape}");
+}
