@@ -1,4 +1,5 @@
-//! Limiter bench: the cost of one local admission decision and of one settlement.
+//! Limiter bench: the cost of one local admission decision and of one settlement,
+//! and of one shared (Redis) admission.
 //!
 //! Each `reserve` goes through the `Limiter` trait (boxed, immediately ready future)
 //! against a quota with all three limits (requests, tokens, concurrency) and is
@@ -8,7 +9,15 @@
 //! admission. It also prints the memory a tracked passthrough key costs, which is
 //! what `[limits] max_tracked_keys` bounds.
 //!
+//! The `redis limiter` group runs only when `SPILLWAY_BENCH_REDIS` names a reachable
+//! Redis (`redis://127.0.0.1:6379`): one `reserve` is one `EVALSHA` round trip,
+//! measured from the caller's side. With a concurrency limit, each admission's lease
+//! is released by a `ZREM` spawned when its permit drops, running on the runtime's
+//! workers alongside the next admissions, as in the gateway. It writes under the
+//! `spillway-bench:` prefix.
+//!
 //! `cargo bench --bench limiter`
+//! `SPILLWAY_BENCH_REDIS=redis://127.0.0.1:6379 cargo bench --bench limiter -- redis`
 
 #[path = "support/proc_stats.rs"]
 #[allow(dead_code)]
@@ -19,8 +28,14 @@ use std::{hint::black_box, num::NonZeroU32, time::Duration};
 use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
 use spillway::{
-    limit::{BucketKey, Decision, Limiter, Quota, local::LocalLimiter},
-    secret::{KeyHash, KeyId},
+    config::RedisConfig,
+    limit::{
+        BucketKey, Decision, Limiter, Quota,
+        local::LocalLimiter,
+        redis::{RedisLimiter, lease_for},
+    },
+    redis_link::RedisLink,
+    secret::{KeyHash, KeyId, Secret},
 };
 
 /// The release binary's allocator, so the figures are the binary's.
@@ -80,9 +95,60 @@ fn limiter(c: &mut Criterion) {
     group.finish();
 }
 
+/// The Redis limiter over the link named by `SPILLWAY_BENCH_REDIS`, if it answers.
+fn redis_limiter(runtime: &tokio::runtime::Runtime) -> Option<RedisLimiter> {
+    let url = std::env::var("SPILLWAY_BENCH_REDIS").ok()?;
+    let config = RedisConfig {
+        url: Secret::new(url),
+        prefix: "spillway-bench:".into(),
+        timeout: Duration::from_secs(1),
+        limits: true,
+        cache: false,
+    };
+    let link = runtime.block_on(async {
+        let link = RedisLink::new(&config).ok()?;
+        link.probe().await;
+        Some(link)
+    })?;
+    if !link.is_up() {
+        println!("redis limiter: SPILLWAY_BENCH_REDIS does not answer; skipped");
+        return None;
+    }
+    Some(RedisLimiter::new(link, lease_for(Duration::from_secs(600))))
+}
+
+fn redis(c: &mut Criterion) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => panic!("tokio runtime: {error}"),
+    };
+    let Some(limiter) = redis_limiter(&runtime) else {
+        println!("redis limiter: set SPILLWAY_BENCH_REDIS=redis://HOST:PORT to measure it");
+        return;
+    };
+    let key = BucketKey::Configured(KeyId::new("team-search"));
+    let buckets_only = Quota { max_concurrent: None, ..quota() };
+    // Releases run in the background, so allow room for the ones still on their way.
+    let with_slots = Quota { max_concurrent: NonZeroU32::new(10_000), ..quota() };
+    let admit = |quota: &Quota| {
+        match runtime.block_on(limiter.reserve(&key, quota, 100)) {
+            // The lease's release is spawned here, on the runtime's worker.
+            Ok(decision @ Decision::Admitted { .. }) => drop(black_box(decision)),
+            other => panic!("expected an admission, got {other:?}"),
+        }
+    };
+    let mut group = c.benchmark_group("redis limiter");
+    group.bench_function("reserve/requests + tokens", |b| b.iter(|| admit(&buckets_only)));
+    group.bench_function("reserve/requests + tokens + concurrency", |b| b.iter(|| admit(&with_slots)));
+    group.bench_function("settle", |b| {
+        b.iter(|| runtime.block_on(limiter.settle(&key, &buckets_only, black_box(-10))))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = limiter
+    targets = limiter, redis
 }
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! The response cache: what a cached response is, how requests are keyed, and the
-//! [`CacheStore`] trait that backends (memory now, a shared Redis tier later)
-//! implement.
+//! [`CacheStore`] trait that backends implement: [`memory`] in process, [`redis`]
+//! shared by every replica, and [`tiered`], memory over Redis, in distributed mode.
 //!
 //! Deciding what to look up, coalescing identical misses and capturing responses as
 //! they are relayed belong to the cache stage (`pipeline::cache`), so they work the
@@ -16,6 +16,8 @@ use crate::limit::{BucketKey, Unavailable};
 
 pub mod key;
 pub mod memory;
+pub mod redis;
+pub mod tiered;
 
 pub use key::CacheKey;
 

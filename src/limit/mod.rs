@@ -143,9 +143,10 @@ pub enum Decision {
     TooLarge { limit: LimitKind, capacity: u64, snapshot: RateSnapshot },
 }
 
-/// The backend could not answer (e.g. Redis down); the caller decides the fallback.
+/// A backend (shared limits, shared cache) could not answer, e.g. Redis is down; the
+/// caller decides the fallback.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("limiter unavailable: {0}")]
+#[error("backend unavailable: {0}")]
 pub struct Unavailable(pub String);
 
 /// Takes and gives back capacity from a caller's buckets. Never waits for capacity.
@@ -178,3 +179,5 @@ pub trait Limiter: Send + Sync + 'static {
 }
 
 pub mod local;
+pub mod redis;
+pub mod shared;

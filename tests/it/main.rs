@@ -3,7 +3,9 @@
 mod admin;
 mod cache;
 mod cli;
+mod distributed_cache;
 mod distributed_health;
+mod distributed_limits;
 mod errors;
 mod listener;
 mod metrics;

@@ -16,7 +16,11 @@ impl TestGateway {
     /// Starts a gateway from `toml` (no `${VAR}` is set in tests' environment).
     pub async fn start(toml: &str) -> Self {
         let config = load(toml);
-        let runtime = Arc::new(Runtime::new(config).expect("runtime builds"));
+        Self::start_runtime(Arc::new(Runtime::new(config).expect("runtime builds"))).await
+    }
+
+    /// Starts a gateway on a runtime the test built (e.g. to probe its Redis link first).
+    pub async fn start_runtime(runtime: Arc<Runtime>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();

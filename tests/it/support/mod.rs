@@ -2,5 +2,5 @@
 
 pub mod certs;
 pub mod gateway;
-pub mod upstream;
 pub mod redis;
+pub mod upstream;

@@ -5,6 +5,14 @@
 //! Without `redis-server` on the PATH a test is skipped with a note, except when `CI`
 //! is set: there it fails (`.ci/run` installs it).
 
+// A blocking helper on the wall clock: it waits for a child process, which no tokio
+// clock (paused or not) governs, and is never used under a paused clock.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "waits on a child process in real time"
+)]
+
 use std::{
     net::TcpListener,
     process::{Child, Command, Stdio},
@@ -28,10 +36,17 @@ impl RedisServer {
             eprintln!("note: redis-server not found; skipping a distributed-mode test");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let mut server = Self { port, child: None };
-        server.resume();
-        Some(server)
+        // A port free a moment ago may be taken before the server binds it (by another
+        // test's server, even): then try another.
+        for _ in 0..5 {
+            let port =
+                TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            let mut server = Self { port, child: None };
+            if server.try_resume() {
+                return Some(server);
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -54,17 +69,41 @@ impl RedisServer {
 
     /// Starts the server again on the same port and waits until it answers.
     pub fn resume(&mut self) {
+        assert!(self.try_resume(), "redis-server did not answer on port {}", self.port);
+    }
+
+    /// Starts the server on this port; true once this very process answers there
+    /// (checked by pid, so a test never talks to another test's server), false if it
+    /// exited (the port was taken) or did not answer within 10 s.
+    fn try_resume(&mut self) -> bool {
         self.stop();
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers() {
-            assert!(Instant::now() < deadline, "redis-server did not answer on port {}", self.port);
+        loop {
+            if self.answering_pid() == Some(pid) {
+                return true;
+            }
+            let exited = self.child.as_mut().is_none_or(|child| !matches!(child.try_wait(), Ok(None)));
+            if exited || Instant::now() > deadline {
+                self.stop();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -84,8 +123,19 @@ impl RedisServer {
         String::from_utf8_lossy(&reply[..n]).into_owned()
     }
 
-    fn answers(&self) -> bool {
-        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.command(&["PING"]).contains("PONG")
+    /// The `process_id` of whatever Redis answers on this port, if one does.
+    fn answering_pid(&self) -> Option<u32> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        stream.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n").ok()?;
+        let mut reply = vec![0u8; 16 * 1024];
+        let n = stream.read(&mut reply).ok()?;
+        let reply = String::from_utf8_lossy(&reply[..n]);
+        reply
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
     }
 }
 
