@@ -99,14 +99,14 @@ impl Cli {
             }
         };
         // Inside the runtime: a trace exporter runs on it.
-        let telemetry = match runtime.block_on(async { telemetry::init(self.log_format, self.log_level.as_deref()) })
-        {
-            Ok(telemetry) => telemetry,
-            Err(error) => {
-                eprintln!("error: {error}");
-                return Exit::BadConfig;
-            }
-        };
+        let telemetry =
+            match runtime.block_on(async { telemetry::init(self.log_format, self.log_level.as_deref()) }) {
+                Ok(telemetry) => telemetry,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return Exit::BadConfig;
+                }
+            };
         let exit = match self.load() {
             Err(diagnostics) => {
                 eprintln!("{diagnostics}");

@@ -12,6 +12,9 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// One layer of the subscriber.
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
 /// What must be flushed before the process exits.
 #[must_use = "call shutdown() before exiting, or buffered spans are lost"]
 #[derive(Default)]
@@ -41,7 +44,7 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<Telemetry, String>
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
-    let lines: Box<dyn Layer<Registry> + Send + Sync> = match format {
+    let lines: BoxedLayer = match format {
         LogFormat::Json => {
             lines.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
         }
@@ -74,11 +77,13 @@ mod otlp {
     use opentelemetry::{propagation::TextMapPropagator, trace::TracerProvider as _};
     use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
     use opentelemetry_sdk::{
-        Resource, propagation::TraceContextPropagator, runtime,
+        Resource,
+        propagation::TraceContextPropagator,
+        runtime,
         trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
     };
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    use tracing_subscriber::{Layer, Registry};
+    use tracing_subscriber::Layer;
 
     /// The exporter's pipeline, kept to flush it at exit.
     pub struct Traces(SdkTracerProvider);
@@ -87,10 +92,12 @@ mod otlp {
         /// Export is on when an OTLP endpoint is set (`OTEL_EXPORTER_OTLP_ENDPOINT` or
         /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) and `OTEL_SDK_DISABLED` is not `true`;
         /// every other `OTEL_*` variable is read by the exporter itself.
-        pub fn from_env() -> Result<Option<(Self, Box<dyn Layer<Registry> + Send + Sync>)>, String> {
+        pub fn from_env() -> Result<Option<(Self, super::BoxedLayer)>, String> {
             let set = |name: &str| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
-            let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|value| value.eq_ignore_ascii_case("true"));
-            if disabled || !(set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+            let disabled =
+                std::env::var("OTEL_SDK_DISABLED").is_ok_and(|value| value.eq_ignore_ascii_case("true"));
+            if disabled || !(set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            {
                 return Ok(None);
             }
             let exporter = SpanExporter::builder()

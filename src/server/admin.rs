@@ -49,7 +49,8 @@ impl Health {
     /// `/readyz`'s status and JSON detail: 503 while draining; otherwise 200, with the
     /// Redis link's state in distributed mode (`degraded` still serves, on local state).
     fn readiness(&self) -> (StatusCode, &'static str) {
-        let redis = self.live.as_ref().and_then(|live| live.runtime().redis.as_ref().map(|link| link.is_up()));
+        let redis =
+            self.live.as_ref().and_then(|live| live.runtime().redis.as_ref().map(|link| link.is_up()));
         match (self.is_draining(), redis) {
             (true, _) => (StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"draining"}"#),
             (false, None) => (StatusCode::OK, r#"{"status":"ready"}"#),

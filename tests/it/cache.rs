@@ -227,3 +227,14 @@ async fn a_disabled_cache_bypasses_everything() {
     assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "bypass");
     assert_eq!(upstream.calls(), 2);
 }
+
+#[tokio::test]
+async fn a_per_request_ttl_as_large_as_u64_is_served_and_stored() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    let huge = u64::MAX.to_string();
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[("x-spillway-cache-ttl", &huge)]).await.0, "miss");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+    assert_eq!(upstream.calls(), 1);
+}

@@ -2,7 +2,9 @@
 //! follow Redis going away and coming back, requests are served all along, and each
 //! change of state is logged once.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::json;
 
@@ -33,9 +35,12 @@ async fn readyz_and_the_gauge_follow_redis_and_requests_never_wait_for_it() {
         assert_eq!(ready.status(), 200, "redis never makes the gateway unready");
         let detail = ready.text().await.expect("readyz body");
         let metrics = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape");
-        let gauge = metrics.text().await.expect("metrics body").lines().find_map(|line| {
-            line.strip_prefix("spillway_redis_up ").map(str::to_owned)
-        });
+        let gauge = metrics
+            .text()
+            .await
+            .expect("metrics body")
+            .lines()
+            .find_map(|line| line.strip_prefix("spillway_redis_up ").map(str::to_owned));
         (detail, gauge)
     };
     let wait_for = |detail: &'static str, gauge: &'static str| async move {

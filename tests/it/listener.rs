@@ -95,7 +95,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read_timeout() {
 /// An h2c connection (prior knowledge) and a task that ends when the server closes it.
 async fn h2_connection(
     addr: std::net::SocketAddr,
-) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>) {
+) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>, tokio::task::JoinHandle<()>)
+{
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -118,7 +119,10 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout_but_a_slow_stream_is
     use http_body_util::BodyExt;
 
     let upstream = MockUpstream::new()
-        .route("/v1/models", support::upstream::Reply::sse(["a", "b", "c", "d", "e"]).every(Duration::from_millis(150)))
+        .route(
+            "/v1/models",
+            support::upstream::Reply::sse(["a", "b", "c", "d", "e"]).every(Duration::from_millis(150)),
+        )
         .start()
         .await;
     let gateway = TestGateway::start(&server("idle_timeout = \"300ms\"", &upstream.base_url())).await;
@@ -140,7 +144,15 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout_but_a_slow_stream_is
 
 #[tokio::test]
 async fn idle_timeout_is_checked_in_the_config() {
-    let error = spillway::config::load_str("[server]\nidle_timeout = \"0s\"\n", "t.toml", |_| None, &Default::default())
-        .expect_err("zero is refused");
-    assert!(error.to_string().contains("t.toml:2:16: error: `idle_timeout` must be longer than 0"), "{error}");
+    let error = spillway::config::load_str(
+        "[server]\nidle_timeout = \"0s\"\n",
+        "t.toml",
+        |_| None,
+        &Default::default(),
+    )
+    .expect_err("zero is refused");
+    assert!(
+        error.to_string().contains("t.toml:2:16: error: `idle_timeout` must be longer than 0"),
+        "{error}"
+    );
 }

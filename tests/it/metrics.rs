@@ -84,7 +84,8 @@ async fn each_request_has_one_access_line_with_its_usage_and_no_key() {
         assert_eq!(response.status(), 200);
         response.bytes().await.expect("body");
     }
-    let scrape = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape").text().await.expect("text");
+    let scrape =
+        reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape").text().await.expect("text");
     let logs = running.logs.clone();
     assert_eq!(running.terminate(), 0);
 
@@ -100,14 +101,27 @@ async fn each_request_has_one_access_line_with_its_usage_and_no_key() {
         let line = &lines[0];
         let key = spillway::secret::KeyHash::of(b"sk-access-log-secret").short();
         assert_eq!(
-            (&line["key"], &line["model"], &line["upstream"], &line["status"], &line["attempts"], &line["cache"]),
+            (
+                &line["key"],
+                &line["model"],
+                &line["upstream"],
+                &line["status"],
+                &line["attempts"],
+                &line["cache"]
+            ),
             (&json!(key), &json!("gpt-4o"), &json!("mock"), &json!(200), &json!(1), &json!("miss")),
             "{line}"
         );
-        assert_eq!((&line["prompt_tokens"], &line["completion_tokens"]), (&json!(PROMPT_TOKENS), &json!(COMPLETION_TOKENS)));
+        assert_eq!(
+            (&line["prompt_tokens"], &line["completion_tokens"]),
+            (&json!(PROMPT_TOKENS), &json!(COMPLETION_TOKENS))
+        );
     }
     // Unlimited callers' usage is counted too.
     let key = spillway::secret::KeyHash::of(b"sk-access-log-secret").short();
-    let prompt = format!("spillway_tokens_total{{key=\"{key}\",model=\"gpt-4o\",kind=\"prompt\"}} {}", 2 * PROMPT_TOKENS);
+    let prompt = format!(
+        "spillway_tokens_total{{key=\"{key}\",model=\"gpt-4o\",kind=\"prompt\"}} {}",
+        2 * PROMPT_TOKENS
+    );
     assert!(scrape.contains(&prompt), "missing {prompt} in:\n{scrape}");
 }

@@ -15,8 +15,10 @@ async fn a_request_span_is_exported_in_the_callers_trace() {
     let collector = MockUpstream::new().route("/v1/traces", Reply::bytes(200, "")).start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spillway.toml");
-    let config =
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n", upstream.base_url());
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
     std::fs::write(&path, config).expect("write config");
     let endpoint = format!("http://{}", collector.addr());
     let running = Running::start(
@@ -40,7 +42,8 @@ async fn a_request_span_is_exported_in_the_callers_trace() {
     assert_eq!(running.terminate(), 0);
 
     let exports = collector.requests();
-    let export = exports.iter().find(|request| request.uri.path() == "/v1/traces").expect("spans were exported");
+    let export =
+        exports.iter().find(|request| request.uri.path() == "/v1/traces").expect("spans were exported");
     assert_eq!(export.header("content-type"), Some("application/x-protobuf"));
     let contains = |needle: &[u8]| export.body.windows(needle.len()).any(|window| window == needle);
     assert!(contains(&hex::decode(trace_id).expect("hex")), "the span is not in the caller's trace");
