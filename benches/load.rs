@@ -6,7 +6,8 @@
 //! requests back to back for `DURATION`. It prints requests/s and p50/p99 latency for
 //! both paths, and their ratio. Bounded: every run stops after `DURATION` per scenario.
 //!
-//! `cargo bench --bench load` (env: `LOAD_CLIENTS`, `LOAD_SECONDS`).
+//! `cargo bench --bench load` (env: `LOAD_CLIENTS`, `LOAD_SECONDS`; `SPILLWAY_BENCH_REDIS=redis://…`
+//! adds the same limits shared through that Redis).
 
 use std::{sync::Arc, time::Duration};
 
@@ -179,6 +180,10 @@ async fn gateway(mock: &upstream::MockHandle, extra: &str) -> String {
     let config = spillway::config::load_str(&config, "bench.toml", |_| None, &Default::default())
         .expect("bench config");
     let runtime = Arc::new(spillway::runtime::Runtime::new(config).expect("runtime"));
+    if let Some(link) = &runtime.redis {
+        link.probe().await;
+        assert!(link.is_up(), "SPILLWAY_BENCH_REDIS does not answer");
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(spillway::server::serve(listener, runtime, std::future::pending()));
@@ -208,20 +213,37 @@ fn main() {
         let plain_url = gateway(&mock, NO_CACHE).await;
         let limited_url = gateway(&mock, LIMITS).await;
         let cached_url = gateway(&mock, CACHE).await;
+        // The same limits shared through Redis, when SPILLWAY_BENCH_REDIS names one.
+        let shared_url = match std::env::var("SPILLWAY_BENCH_REDIS") {
+            Ok(redis) => {
+                let shared = format!("{LIMITS}[redis]\nurl = \"{redis}\"\nprefix = \"bench:\"\ncache = false\n");
+                Some(gateway(&mock, &shared).await)
+            }
+            Err(_) => None,
+        };
         // Warm every path (connections, allocator, the cache entry) before measuring.
-        for url in [&direct_url, &plain_url, &limited_url, &cached_url] {
+        for url in [&direct_url, &plain_url, &limited_url, &cached_url].into_iter().chain(shared_url.as_ref()) {
             drive(url.clone(), clients, Duration::from_millis(500)).await;
         }
 
         for concurrency in [1, clients] {
             println!("\n{concurrency} keep-alive client(s), {duration:?} each, chat completion JSON, mock answers at once");
-            let urls = [&direct_url, &plain_url, &limited_url, &cached_url];
+            let mut urls = vec![&direct_url, &plain_url, &limited_url, &cached_url];
+            urls.extend(shared_url.as_ref());
             let mut reports = interleaved(&urls, concurrency, duration, 5).await.into_iter();
             let mut next = || reports.next().expect("one report per url");
             let (direct, proxied, limited, cached) = (next(), next(), next(), next());
             print("direct to mock", &direct);
             print("through gateway", &proxied);
             print("  + limits on", &limited);
+            if let Some(shared) = reports.next() {
+                print("  + limits redis", &shared);
+                println!(
+                    "redis limits     {:>8.1}% throughput vs local limits   p50 +{:.3} ms",
+                    (1.0 - shared.rps() / limited.rps()) * 100.0,
+                    (shared.percentile(0.50).as_secs_f64() - limited.percentile(0.50).as_secs_f64()) * 1e3,
+                );
+            }
             print("cache hits", &cached);
             compare(&direct, &proxied);
             println!(
