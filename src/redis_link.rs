@@ -53,6 +53,11 @@ impl RedisLink {
             // The error text may quote the URL, and with it the password.
             StartupError::Other(format!("[redis] url is not usable: {}", error.category()))
         };
+        if config.url.expose().starts_with("rediss://") {
+            // redis-rs builds its TLS config on rustls's process-wide provider; make it
+            // ours (ring), whatever other crates in the build enable. Already set: fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = redis::Client::open(config.url.expose().as_str()).map_err(invalid)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout.max(Duration::from_secs(1))))

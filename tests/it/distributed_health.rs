@@ -91,3 +91,66 @@ async fn readyz_and_the_gauge_follow_redis_and_requests_never_wait_for_it() {
     assert!(logs.iter().all(|line| !line.contains("sk-health-secret")));
     assert_eq!(running.terminate(), 0);
 }
+
+#[tokio::test]
+async fn rediss_connects_over_tls_to_a_server_signed_by_a_private_ca() {
+    use std::process::{Command, Stdio};
+
+    // Only for the skip-or-fail rule: this test runs its own TLS server.
+    let Some(_plain) = RedisServer::start() else { return };
+    let certs = crate::support::certs::TestCerts::generate();
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let server = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--tls-auth-clients", "no", "--tls-cert-file"])
+        .arg(certs.cert_file())
+        .arg("--tls-key-file")
+        .arg(certs.key_file())
+        .arg("--tls-ca-cert-file")
+        .arg(certs.ca_file())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let _server = KillOnDrop(server);
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spillway.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+         [[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n\n\
+         [redis]\nurl = \"rediss://localhost:{port}\"\ntimeout = \"1s\"\n",
+        upstream.base_url()
+    );
+    std::fs::write(&path, config).expect("write config");
+    // The server's CA is trusted the usual way for the system roots: SSL_CERT_FILE.
+    let running = Running::start(
+        spillway(dir.path())
+            .env("SSL_CERT_FILE", certs.ca_file())
+            .args(["--log-format", "json", "--config"])
+            .arg(&path),
+    );
+    let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = reqwest::get(format!("http://{admin}/readyz")).await.expect("readyz");
+        let detail = ready.text().await.expect("readyz body");
+        if detail == r#"{"status":"ready","redis":"ok"}"# {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never connected over TLS: {detail}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(running.terminate(), 0);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
