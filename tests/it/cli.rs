@@ -137,6 +137,8 @@ pub struct Running {
     pub started: Value,
     /// Every line the process wrote to stdout (its logs), as they arrive.
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The directory of a config written by [`Running::serve`], kept while it runs.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Running {
@@ -156,7 +158,25 @@ impl Running {
         });
         let line = lines.recv_timeout(Duration::from_secs(20)).expect("startup line within 20 s");
         let started = serde_json::from_str(&line).expect("JSON log line");
-        Self { child: Some(child), started, logs }
+        Self { child: Some(child), started, logs, dir: None }
+    }
+
+    /// The binary serving `config` (written to `spillway.toml` in a directory of its
+    /// own) with JSON logs.
+    pub fn serve(config: &str) -> Self {
+        Self::serve_with(config, |_| {})
+    }
+
+    /// [`Running::serve`], with `customize` adding arguments or environment first.
+    pub fn serve_with(config: &str, customize: impl FnOnce(&mut Command)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(dir.path(), "spillway.toml", config);
+        let mut command = spillway(dir.path());
+        command.args(["--log-format", "json", "--config"]).arg(&path);
+        customize(&mut command);
+        let mut running = Self::start(&mut command);
+        running.dir = Some(dir);
+        running
     }
 
     /// The listen address from the startup line.

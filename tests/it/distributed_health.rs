@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use serde_json::json;
 
 use crate::{
-    cli::{Running, spillway},
+    cli::Running,
     support::{redis::RedisServer, upstream::MockUpstream},
 };
 
@@ -17,8 +17,6 @@ use crate::{
 async fn readyz_and_the_gauge_follow_redis_and_requests_never_wait_for_it() {
     let Some(mut redis) = RedisServer::start() else { return };
     let upstream = MockUpstream::new().start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
          [limits.default]\nrequests_per_minute = 1000\n\n\
@@ -26,8 +24,7 @@ async fn readyz_and_the_gauge_follow_redis_and_requests_never_wait_for_it() {
         upstream.base_url(),
         redis.section("health:")
     );
-    std::fs::write(&path, config).expect("write config");
-    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let running = Running::serve(&config);
     assert_eq!(running.started["limiter"], "redis");
     let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
     let state = || async {
@@ -115,22 +112,16 @@ async fn rediss_connects_over_tls_to_a_server_signed_by_a_private_ca() {
         .expect("redis-server starts");
     let _server = KillOnDrop(server);
     let upstream = MockUpstream::new().start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
          [[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n\n\
          [redis]\nurl = \"rediss://localhost:{port}\"\ntimeout = \"1s\"\n",
         upstream.base_url()
     );
-    std::fs::write(&path, config).expect("write config");
     // The server's CA is trusted the usual way for the system roots: SSL_CERT_FILE.
-    let running = Running::start(
-        spillway(dir.path())
-            .env("SSL_CERT_FILE", certs.ca_file())
-            .args(["--log-format", "json", "--config"])
-            .arg(&path),
-    );
+    let running = Running::serve_with(&config, |command| {
+        command.env("SSL_CERT_FILE", certs.ca_file());
+    });
     let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -2,22 +2,15 @@
 
 use serde_json::json;
 
-use crate::{
-    cli::{Running, spillway},
-    support::upstream::MockUpstream,
-};
+use crate::{cli::Running, support::upstream::MockUpstream};
 
 #[tokio::test]
 async fn metrics_report_requests_limits_attempts_and_overhead_without_keys() {
     let upstream = MockUpstream::new().start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
-    let config = format!(
+    let running = Running::serve(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[limits.default]\nrequests_per_minute = 1\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
         upstream.base_url()
-    );
-    std::fs::write(&path, config).expect("write config");
-    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    ));
     let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
     let client = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", running.addr());
@@ -62,14 +55,10 @@ async fn each_request_has_one_access_line_with_its_usage_and_no_key() {
     use crate::support::upstream::{COMPLETION_TOKENS, PROMPT_TOKENS};
 
     let upstream = MockUpstream::new().start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
-    let config = format!(
+    let running = Running::serve(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
         upstream.base_url()
-    );
-    std::fs::write(&path, config).expect("write config");
-    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    ));
     let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
     let client = reqwest::Client::new();
     for (id, stream) in [("req-plain", false), ("req-stream", true)] {

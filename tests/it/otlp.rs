@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use crate::{
-    cli::{Running, spillway},
+    cli::Running,
     support::upstream::{MockUpstream, Reply},
 };
 
@@ -13,20 +13,14 @@ use crate::{
 async fn a_request_span_is_exported_in_the_callers_trace() {
     let upstream = MockUpstream::new().start().await;
     let collector = MockUpstream::new().route("/v1/traces", Reply::bytes(200, "")).start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
         upstream.base_url()
     );
-    std::fs::write(&path, config).expect("write config");
     let endpoint = format!("http://{}", collector.addr());
-    let running = Running::start(
-        spillway(dir.path())
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-            .args(["--log-format", "json", "--config"])
-            .arg(&path),
-    );
+    let running = Running::serve_with(&config, |command| {
+        command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    });
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let response = reqwest::Client::new()

@@ -4,7 +4,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::{
-    cli::{Running, spillway},
+    cli::Running,
     support::upstream::{Gate, MockUpstream, Reply},
 };
 
@@ -12,18 +12,15 @@ use crate::{
 async fn sigterm_drains_an_open_stream_then_exits_0_and_no_key_is_ever_logged() {
     let gate = Gate::new();
     let upstream = MockUpstream::new().reply(Reply::openai().gate_after(1, &gate)).start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("spillway.toml");
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"20s\"\n\n\
          [auth]\nmode = \"keys\"\n\n[[keys]]\nid = \"team\"\nkey = \"gw-secret-team-key\"\n\n\
          [[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\napi_key = \"sk-secret-upstream-key\"\n",
         upstream.base_url()
     );
-    std::fs::write(&path, config).expect("write config");
-    let running = Running::start(
-        spillway(dir.path()).args(["--log-format", "json", "--log-level", "debug", "--config"]).arg(&path),
-    );
+    let running = Running::serve_with(&config, |command| {
+        command.args(["--log-level", "debug"]);
+    });
     let admin = running.started["admin"].as_str().unwrap_or_default().to_owned();
     let client = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", running.addr());
