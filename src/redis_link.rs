@@ -1,20 +1,25 @@
-//! The link to Redis in distributed mode: one multiplexed connection, whether it is
-//! up, and the rule that no request waits on Redis longer than `[redis] timeout`.
+//! The link to Redis in distributed mode: two multiplexed connections (one for
+//! limits, one for cache entries, so a large entry never queues in front of an
+//! admission), whether Redis is up, and the rule that no request waits on one Redis
+//! call longer than `[redis] timeout`.
 //!
 //! The shared limiter and the shared cache tier make their calls through
 //! [`RedisLink::call`]. While the link is down a call fails at once with
-//! [`Unavailable`] and the caller falls back to its local state; a call that errs or
-//! outlasts the timeout marks the link down. A background probe (a `PING` a second)
-//! marks it up again, so sharing resumes within about a second of Redis returning.
-//! The connection manager reconnects by itself, and scripts are re-loaded on
-//! `NOSCRIPT` by `redis::Script`. The change of state is logged once each way and
-//! shown by the `spillway_redis_up` gauge and `/readyz`.
+//! [`Unavailable`] and the caller falls back to its local state; a call that fails
+//! for want of a connection, or outlasts the timeout, marks the link down. A
+//! background probe (a `PING` a second, the first at once) marks it up again once
+//! Redis answers within the timeout, so sharing resumes within about a second of
+//! Redis returning, and a Redis that answers but too slowly stays down instead of
+//! flapping. The connection managers reconnect by themselves, and scripts are
+//! re-loaded on `NOSCRIPT` by `redis::Script`. Each change of state (the first
+//! probe's outcome included) is logged once and shown by the `spillway_redis_up`
+//! gauge and `/readyz`.
 
 use std::{
     future::Future,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -23,29 +28,50 @@ use redis::{
     RedisResult,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
+use tokio::time::Instant;
 
 use crate::{config::RedisConfig, error::StartupError, limit::Unavailable};
 
 /// How often the probe pings Redis.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The least time given to opening a connection (TCP, TLS, `AUTH`), whatever
+/// `[redis] timeout` is: connecting happens in the background, never in a request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The gauge: 1 while Redis answers, 0 while the gateway runs on local state.
 pub const UP_METRIC: &str = "spillway_redis_up";
 
-/// A shared connection to Redis and its health. Cheap to share behind an `Arc`; the
+/// Which of the link's connections a call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Admissions, settlements and lease releases: small and latency-bound.
+    Limits,
+    /// Cache entries, which may be large.
+    Cache,
+}
+
+/// What the link knows of Redis.
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// Shared connections to Redis and their health. Cheap to share behind an `Arc`; the
 /// probe stops when the last `Arc` is dropped.
 pub struct RedisLink {
-    connection: ConnectionManager,
+    limits: ConnectionManager,
+    cache: ConnectionManager,
     prefix: String,
     timeout: Duration,
-    up: AtomicBool,
+    state: AtomicU8,
     /// What the link was built from, to tell whether a reload needs a new one.
     config: RedisConfig,
 }
 
 impl RedisLink {
-    /// A link for `config`, not yet connected: it starts down, and [`probe`] (called
-    /// once at startup, then every [`PROBE_INTERVAL`] in the background) brings it up.
+    /// A link for `config`, not yet connected: [`probe`] (called once at startup,
+    /// then every [`PROBE_INTERVAL`] in the background, the first time at once)
+    /// brings it up.
     ///
     /// [`probe`]: Self::probe
     pub fn new(config: &RedisConfig) -> Result<Arc<Self>, StartupError> {
@@ -60,20 +86,21 @@ impl RedisLink {
         }
         let client = redis::Client::open(config.url.expose().as_str()).map_err(invalid)?;
         let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_secs(1))))
-            .set_response_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(config.timeout.max(CONNECT_TIMEOUT)))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(PROBE_INTERVAL);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config).map_err(invalid)?;
+        let connect = |client: redis::Client| {
+            ConnectionManager::new_lazy_with_config(client, manager_config.clone()).map_err(invalid)
+        };
         let link = Arc::new(Self {
-            connection,
+            limits: connect(client.clone())?,
+            cache: connect(client)?,
             prefix: config.prefix.clone(),
             timeout: config.timeout,
-            up: AtomicBool::new(false),
+            state: AtomicU8::new(UNKNOWN),
             config: config.clone(),
         });
-        metrics::gauge!(UP_METRIC).set(0.0);
         tokio::spawn(probe_forever(Arc::downgrade(&link)));
         Ok(link)
     }
@@ -83,9 +110,14 @@ impl RedisLink {
         &self.prefix
     }
 
+    /// `[redis] timeout`: the longest a request waits on one Redis call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Whether Redis answered the last call or probe.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == UP
     }
 
     /// Whether this link still serves `config` (same server, namespace and timeout).
@@ -95,9 +127,9 @@ impl RedisLink {
             && self.config.timeout == config.timeout
     }
 
-    /// Runs one exchange with Redis within the timeout. Fails at once while the link
-    /// is down; an error or a timeout marks it down.
-    pub async fn call<T, F, Fut>(&self, exchange: F) -> Result<T, Unavailable>
+    /// Runs one exchange with Redis on `lane` within the timeout. Fails at once while
+    /// the link is down; a connection failure or a timeout marks it down.
+    pub async fn call<T, F, Fut>(&self, lane: Lane, exchange: F) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -105,7 +137,41 @@ impl RedisLink {
         if !self.is_up() {
             return Err(Unavailable("redis is down".into()));
         }
-        match tokio::time::timeout(self.timeout, exchange(self.connection.clone())).await {
+        self.call_within(lane, self.timeout, true, exchange).await
+    }
+
+    /// Runs one exchange whatever the link's state, within `timeout`, without
+    /// changing the state: for work nobody waits on (a lease release, a cache
+    /// write-behind) that should still be tried while the link is down.
+    pub async fn call_in_background<T, F, Fut>(
+        &self,
+        lane: Lane,
+        timeout: Duration,
+        exchange: F,
+    ) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call_within(lane, timeout, false, exchange).await
+    }
+
+    async fn call_within<T, F, Fut>(
+        &self,
+        lane: Lane,
+        timeout: Duration,
+        judges: bool,
+        exchange: F,
+    ) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let connection = match lane {
+            Lane::Limits => self.limits.clone(),
+            Lane::Cache => self.cache.clone(),
+        };
+        match tokio::time::timeout(timeout, exchange(connection)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) if !is_connection_error(&error) => {
                 // Redis answered, with an error of the request's own (a script bug, a
@@ -113,38 +179,48 @@ impl RedisLink {
                 Err(Unavailable(format!("redis error: {}", error.category())))
             }
             Ok(Err(error)) => {
-                self.mark_down(&format!("redis error: {}", error.category()));
+                if judges {
+                    self.mark_down(&format!("redis error: {}", error.category()));
+                }
                 Err(Unavailable("redis is down".into()))
             }
             Err(_) => {
-                self.mark_down(&format!("no answer within {:?}", self.timeout));
+                if judges {
+                    self.mark_down(&format!("no answer within {timeout:?}"));
+                }
                 Err(Unavailable("redis timed out".into()))
             }
         }
     }
 
-    /// Pings Redis once and records the outcome. Awaited at startup so that a
-    /// reachable Redis is shared from the first request.
+    /// Pings Redis once on each connection and records the outcome: up only if both
+    /// answer within the timeout (the first `PING` after a reconnect may take the
+    /// longer connect time, so a slow one is asked again). Awaited at startup so
+    /// that a reachable Redis is shared from the first request.
     pub async fn probe(&self) {
-        let mut connection = self.connection.clone();
-        let ping = redis::cmd("PING");
-        let ping = ping.query_async::<String>(&mut connection);
-        match tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), ping).await {
-            Ok(Ok(_)) => self.mark_up(),
-            Ok(Err(error)) => self.mark_down(&format!("redis error: {}", error.category())),
-            Err(_) => self.mark_down("no answer to PING"),
+        for connection in [&self.limits, &self.cache] {
+            let mut outcome = ping(connection, self.timeout.max(CONNECT_TIMEOUT)).await;
+            if matches!(outcome, Ok(took) if took > self.timeout) {
+                outcome = ping(connection, self.timeout).await;
+            }
+            match outcome {
+                Ok(took) if took <= self.timeout => {}
+                Ok(_) => return self.mark_down(&format!("PING slower than {:?}", self.timeout)),
+                Err(reason) => return self.mark_down(&reason),
+            }
         }
+        self.mark_up();
     }
 
     fn mark_up(&self) {
-        if !self.up.swap(true, Ordering::Relaxed) {
+        if self.state.swap(UP, Ordering::Relaxed) != UP {
             tracing::info!("redis is up: limits and cache are shared across replicas");
             metrics::gauge!(UP_METRIC).set(1.0);
         }
     }
 
     fn mark_down(&self, reason: &str) {
-        if self.up.swap(false, Ordering::Relaxed) {
+        if self.state.swap(DOWN, Ordering::Relaxed) != DOWN {
             tracing::warn!(
                 reason,
                 "redis is unreachable: serving on local limits and cache until it returns"
@@ -160,6 +236,18 @@ impl std::fmt::Debug for RedisLink {
     }
 }
 
+/// How long `connection` took to answer a `PING`, or why it did not within `timeout`.
+async fn ping(connection: &ConnectionManager, timeout: Duration) -> Result<Duration, String> {
+    let mut connection = connection.clone();
+    let started = Instant::now();
+    let ping = redis::cmd("PING");
+    match tokio::time::timeout(timeout, ping.query_async::<String>(&mut connection)).await {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(error)) => Err(format!("redis error: {}", error.category())),
+        Err(_) => Err(format!("no answer to PING within {timeout:?}")),
+    }
+}
+
 /// Whether an error says the connection, not the request, failed.
 fn is_connection_error(error: &redis::RedisError) -> bool {
     error.is_io_error()
@@ -169,11 +257,10 @@ fn is_connection_error(error: &redis::RedisError) -> bool {
         || error.is_unrecoverable_error()
 }
 
-/// Probes every [`PROBE_INTERVAL`] until the link is dropped.
+/// Probes at once, then every [`PROBE_INTERVAL`], until the link is dropped.
 async fn probe_forever(link: Weak<RedisLink>) {
     let mut ticks = tokio::time::interval(PROBE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
     loop {
         ticks.tick().await;
         let Some(link) = link.upgrade() else { return };

@@ -18,7 +18,10 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use super::{CacheKey, CacheStore, CachedResponse};
-use crate::{limit::Unavailable, redis_link::RedisLink};
+use crate::{
+    limit::Unavailable,
+    redis_link::{Lane, RedisLink},
+};
 
 mod codec;
 #[cfg(test)]
@@ -27,6 +30,15 @@ mod tests;
 /// Longest time to live written to Redis: a longer one (`x-spillway-cache-ttl` takes
 /// any number of seconds) is cut to this, which Redis accepts whatever its clock.
 const LONGEST_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The heaviest entry shared through Redis (4 MiB): a lookup must come back within
+/// `[redis] timeout`, and a larger value would not on most networks. Heavier entries
+/// stay in each replica's memory.
+pub const MAX_ENTRY_WEIGHT: u32 = 4 << 20;
+
+/// How long a write to Redis may take: it runs after the response was sent and
+/// delays nobody.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Responses kept in Redis, shared by every replica using the same prefix.
 pub struct RedisStore {
@@ -39,8 +51,10 @@ pub struct RedisStore {
 // === impl RedisStore ===
 
 impl RedisStore {
+    /// A store over `link` that writes no entry heavier than `max_entry_weight` (nor
+    /// than [`MAX_ENTRY_WEIGHT`]).
     pub fn new(link: Arc<RedisLink>, max_entry_weight: u32) -> Self {
-        Self { link, max_entry_weight }
+        Self { link, max_entry_weight: max_entry_weight.min(MAX_ENTRY_WEIGHT) }
     }
 
     /// `{prefix}cache:{hex digest}`: the Redis key of an entry.
@@ -62,7 +76,7 @@ impl CacheStore for RedisStore {
         Box::pin(async move {
             let (value, remaining_ms) = self
                 .link
-                .call(move |mut connection| async move {
+                .call(Lane::Cache, move |mut connection| async move {
                     redis::pipe()
                         .cmd("GET")
                         .arg(&redis_key)
@@ -89,10 +103,15 @@ impl CacheStore for RedisStore {
     }
 
     /// Writes `value` under `key` with `PX` its ttl, replacing any entry there. An
-    /// entry heavier than the memory tier's largest, or with a ttl under a
-    /// millisecond, is not written and the answer is still `Ok`.
+    /// entry heavier than [`MAX_ENTRY_WEIGHT`] or the memory tier's largest, or with a
+    /// ttl under a millisecond, is not written and the answer is still `Ok`. Nobody
+    /// waits on a write, so it gets [`WRITE_TIMEOUT`] and a slow one does not mark
+    /// the link down; none is tried while the link is down.
     fn put(&self, key: CacheKey, value: Arc<CachedResponse>) -> BoxFuture<'_, Result<(), Unavailable>> {
         Box::pin(async move {
+            if !self.link.is_up() {
+                return Err(Unavailable("redis is down".into()));
+            }
             let ttl_ms = u64::try_from(value.ttl.min(LONGEST_TTL).as_millis()).unwrap_or(u64::MAX);
             let too_heavy = value.weight() > usize::try_from(self.max_entry_weight).unwrap_or(usize::MAX);
             if too_heavy || ttl_ms == 0 {
@@ -101,7 +120,7 @@ impl CacheStore for RedisStore {
             let Some(encoded) = codec::encode(&value) else { return Ok(()) };
             let redis_key = self.redis_key(&key);
             self.link
-                .call(move |mut connection| async move {
+                .call_in_background(Lane::Cache, WRITE_TIMEOUT, move |mut connection| async move {
                     redis::cmd("SET")
                         .arg(redis_key)
                         .arg(encoded.as_ref())

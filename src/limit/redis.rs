@@ -47,7 +47,7 @@ use super::{
     BucketKey, BucketState, Decision, LimitKind, Limiter, Permit, Quota, RateSnapshot, Unavailable,
     local::CONCURRENCY_RETRY_AFTER,
 };
-use crate::redis_link::RedisLink;
+use crate::redis_link::{Lane, PROBE_INTERVAL, RedisLink};
 
 /// The version of the stored layout (the hash fields and their units), hashed into
 /// every quota fingerprint: a new layout never reads an old one's state. Bump it with
@@ -65,6 +65,10 @@ pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
 pub fn lease_for(request_timeout: Duration) -> Duration {
     request_timeout.saturating_add(LEASE_MARGIN)
 }
+
+/// How many times a lease release is tried, a probe interval apart (about half a
+/// minute): a slot outlives a longer outage only until its lease expires.
+const RELEASE_ATTEMPTS: u32 = 30;
 
 /// Fields in a `reserve.lua` reply.
 const RESERVE_REPLY_LEN: usize = 8;
@@ -176,7 +180,10 @@ impl RedisLimiter {
             .arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX));
         let reply: Vec<i64> = self
             .link
-            .call(|mut connection| async move { invocation.invoke_async(&mut connection).await })
+            .call(
+                Lane::Limits,
+                |mut connection| async move { invocation.invoke_async(&mut connection).await },
+            )
             .await?;
         ReserveReply::parse(&reply)?.decision(quota, lease)
     }
@@ -193,7 +200,10 @@ impl RedisLimiter {
         invocation.key(&keys.buckets).arg(capacity).arg(per_minute.get()).arg(delta);
         let remaining: i64 = self
             .link
-            .call(|mut connection| async move { invocation.invoke_async(&mut connection).await })
+            .call(
+                Lane::Limits,
+                |mut connection| async move { invocation.invoke_async(&mut connection).await },
+            )
             .await?;
         if remaining < 0 {
             return Err(malformed("settle replied a negative level"));
@@ -325,12 +335,24 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let Some(runtime) = self.runtime.take().filter(|_| self.armed) else { return };
         let (link, slots, id) = (self.link.clone(), mem::take(&mut self.slots), mem::take(&mut self.id));
+        // Tried even while the link is down, and again for a while, so that a slot
+        // held across a short outage is not lost until its lease expires.
         runtime.spawn(async move {
-            let release = link.call(|mut connection| async move {
-                redis::cmd("ZREM").arg(&slots).arg(&id).query_async::<i64>(&mut connection).await
-            });
-            if let Err(error) = release.await {
-                tracing::debug!(%error, "concurrency lease left to expire");
+            for attempt in 1..=RELEASE_ATTEMPTS {
+                let release =
+                    link.call_in_background(Lane::Limits, link.timeout(), |mut connection| {
+                        let (slots, id) = (slots.clone(), id.clone());
+                        async move {
+                            redis::cmd("ZREM").arg(slots).arg(id).query_async::<i64>(&mut connection).await
+                        }
+                    });
+                match release.await {
+                    Ok(_) => return,
+                    Err(error) if attempt == RELEASE_ATTEMPTS => {
+                        tracing::debug!(%error, "concurrency lease left to expire");
+                    }
+                    Err(_) => tokio::time::sleep(PROBE_INTERVAL).await,
+                }
             }
         });
     }

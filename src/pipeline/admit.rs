@@ -80,12 +80,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
             let quota = request.caller.quota;
             let strip_usage = request.strip_usage;
             if quota.is_unlimited() {
-                let (caller, model) = (request.caller.id.clone(), request.call.model.clone());
-                let response = inner.oneshot(request).await?;
-                return Ok(match model {
-                    Some(model) => Metered::wrap(response, caller, model, None, strip_usage),
-                    None => response,
-                });
+                return pass_unlimited(inner, request).await;
             }
             let estimate = match (&request.body, &request.call.model, quota.tokens_per_minute) {
                 (RequestBody::Buffered(body), Some(model), Some(_)) if body.len() > BLOCKING_ESTIMATE => {
@@ -108,7 +103,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
                     // back to local limits; reaching here means no limit can be
                     // enforced, so serve rather than refuse.
                     tracing::warn!(error = %unavailable, "limiter unavailable; request admitted unlimited");
-                    return inner.oneshot(request).await;
+                    return pass_unlimited(inner, request).await;
                 }
             };
             let (snapshot, permit) = match decision {
@@ -153,6 +148,20 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
             }
         })
     }
+}
+
+/// Serves a request no limit applies to; a model call's usage is still read.
+async fn pass_unlimited<S: ProxyService>(
+    inner: S,
+    request: ProxyRequest,
+) -> Result<GatewayResponse, GatewayError> {
+    let (caller, model, strip_usage) =
+        (request.caller.id.clone(), request.call.model.clone(), request.strip_usage);
+    let response = inner.oneshot(request).await?;
+    Ok(match model {
+        Some(model) => Metered::wrap(response, caller, model, None, strip_usage),
+        None => response,
+    })
 }
 
 /// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`; a dimension

@@ -76,7 +76,8 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_side) = request.head.extensions.remove::<OnUpgrade>()
     {
-        splice_upgrade(client_side, hyper::upgrade::on(&mut response));
+        let hold = request.head.extensions.get::<UpgradeHold>().cloned();
+        splice_upgrade(client_side, hyper::upgrade::on(&mut response), hold);
     }
     Attempt::Response(relay(response, request.deadline))
 }
@@ -156,10 +157,18 @@ fn relay(response: Response<Incoming>, deadline: Instant) -> GatewayResponse {
     Response::from_parts(head, body.boxed_unsync())
 }
 
+/// What must live as long as a spliced upgrade: the listener puts its connection's
+/// slot in an upgrade request's extensions, so the tunnel counts against
+/// `max_connections` and a drain waits for it (within `shutdown_grace`), though hyper
+/// is done with the connection once it switched protocols.
+#[derive(Clone)]
+pub struct UpgradeHold(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
 /// Copies bytes both ways between the client and the upstream once both sides have
-/// switched protocols. Ends when either side closes.
-fn splice_upgrade(client_side: OnUpgrade, upstream_side: OnUpgrade) {
+/// switched protocols. Ends when either side closes; `hold` is kept until then.
+fn splice_upgrade(client_side: OnUpgrade, upstream_side: OnUpgrade, hold: Option<UpgradeHold>) {
     tokio::spawn(async move {
+        let _hold = hold;
         let (client_io, upstream_io) = match tokio::try_join!(client_side, upstream_side) {
             Ok(both) => both,
             Err(error) => {

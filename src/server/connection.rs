@@ -24,18 +24,20 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::watch,
+    sync::{OwnedSemaphorePermit, watch},
 };
 use tower::ServiceExt;
 
 use super::Live;
-use crate::pipeline::GatewayResponse;
+use crate::pipeline::{GatewayResponse, forward::UpgradeHold};
 
 /// Serves `io` until the client closes it, `stop` turns true (then drains it), or it
-/// idles for `idle_timeout`.
+/// idles for `idle_timeout`. `slot` (its place under `max_connections`) is held until
+/// then, and by any protocol upgrade spliced from it until that ends.
 pub(super) async fn serve<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
+    slot: OwnedSemaphorePermit,
     live: Arc<Live>,
     mut stop: watch::Receiver<bool>,
     idle_timeout: Duration,
@@ -45,8 +47,12 @@ pub(super) async fn serve<I>(
 {
     let (in_flight, mut changes) = watch::channel(0_usize);
     let in_flight = Arc::new(in_flight);
-    let service = hyper::service::service_fn(move |request| {
+    let slot = UpgradeHold(Arc::new(slot));
+    let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         let guard = InFlight::begin(in_flight.clone());
+        if request.headers().contains_key(http::header::UPGRADE) {
+            request.extensions_mut().insert(slot.clone());
+        }
         let stack = live.stack();
         async move {
             let response: GatewayResponse = stack.oneshot(request).await?;

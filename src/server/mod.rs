@@ -95,10 +95,7 @@ pub async fn serve_live(
         let (builder, live, stopped) = (builder.clone(), live.clone(), stopped.clone());
         match &tls {
             None => {
-                tokio::spawn(async move {
-                    connection::serve(builder, stream, live, stopped, idle_timeout, peer).await;
-                    drop(slot);
-                });
+                tokio::spawn(connection::serve(builder, stream, slot, live, stopped, idle_timeout, peer));
             }
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -108,8 +105,7 @@ pub async fn serve_live(
                         Ok(Err(error)) => return tracing::debug!(%error, %peer, "TLS handshake failed"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    connection::serve(builder, stream, live, stopped, idle_timeout, peer).await;
-                    drop(slot);
+                    connection::serve(builder, stream, slot, live, stopped, idle_timeout, peer).await;
                 });
             }
         }

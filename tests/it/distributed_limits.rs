@@ -164,9 +164,9 @@ async fn two_replicas_share_one_requests_limit() {
     }
     for gateway in [&a, &b] {
         let refused = chat(gateway, TEAM_KEY, false, None).await;
-        // One request every 20 s at 3 a minute.
+        // One request every 20 s at 3 a minute, less the time the test has taken.
         let wait = number(&refused, "retry-after-ms");
-        assert!((19_000..=20_000).contains(&wait), "retry-after-ms {wait}");
+        assert!((15_000..=20_000).contains(&wait), "retry-after-ms {wait}");
         assert_eq!(number(&refused, "retry-after"), (wait + 999) / 1000);
         assert_eq!(refusal(refused).await, (429, "requests".into()));
     }

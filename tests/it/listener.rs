@@ -119,22 +119,22 @@ async fn an_idle_h2_connection_is_closed_after_idle_timeout_but_a_slow_stream_is
     use http_body_util::BodyExt;
 
     let upstream = MockUpstream::new()
-        .route(
-            "/v1/models",
-            support::upstream::Reply::sse(["a", "b", "c", "d", "e"]).every(Duration::from_millis(150)),
-        )
+        .route("/v1/models", support::upstream::Reply::sse(["a", "b"]).every(Duration::from_millis(500)))
         .start()
         .await;
     let gateway = TestGateway::start(&server("idle_timeout = \"300ms\"", &upstream.base_url())).await;
     let (mut sender, closed) = h2_connection(gateway.addr).await;
 
-    // Six chunks 150 ms apart: quiet far longer than idle_timeout in all, yet in flight.
+    // Chunks 500 ms apart, each gap longer than idle_timeout: in flight all along.
     let started = tokio::time::Instant::now();
     let response = sender.send_request(models_request(gateway.addr)).await.expect("response head");
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.expect("the whole stream").to_bytes();
-    assert!(started.elapsed() >= Duration::from_millis(600), "the stream was not slow");
+    assert!(started.elapsed() >= Duration::from_millis(1000), "the stream was not slow");
     assert!(String::from_utf8_lossy(&body).ends_with("data: [DONE]\n\n"), "{body:?}");
+    // No GOAWAY was sent during the stream: the connection takes another request.
+    let again = sender.send_request(models_request(gateway.addr)).await.expect("a second request");
+    again.into_body().collect().await.expect("second body");
 
     // Idle from here: closed after idle_timeout, not before.
     let idle_since = tokio::time::Instant::now();

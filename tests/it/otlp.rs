@@ -41,6 +41,9 @@ async fn a_request_span_is_exported_in_the_callers_trace() {
     assert_eq!(export.header("content-type"), Some("application/x-protobuf"));
     let contains = |needle: &[u8]| export.body.windows(needle.len()).any(|window| window == needle);
     assert!(contains(&hex::decode(trace_id).expect("hex")), "the span is not in the caller's trace");
-    assert!(contains(b"spillway") && contains(b"request"), "service or span name missing");
+    // The resource attribute as protobuf: KeyValue { key: "service.name", value:
+    // AnyValue { string_value: "spillway" } }.
+    assert!(contains(b"\x0a\x0cservice.name\x12\x0a\x0a\x08spillway"), "no service name: {:?}", export.body);
+    assert!(contains(b"request"), "span name missing");
     assert!(!contains(b"sk-otlp-secret"), "a key was exported");
 }

@@ -117,10 +117,14 @@ impl RedisServer {
         for arg in args {
             request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
         }
+        // QUIT after it: Redis answers both, then closes, so reading to the end gets
+        // the whole reply however large.
+        request.push_str("*1\r\n$4\r\nQUIT\r\n");
         stream.write_all(request.as_bytes()).expect("write to redis");
-        let mut reply = vec![0u8; 64 * 1024];
-        let n = stream.read(&mut reply).expect("read from redis");
-        String::from_utf8_lossy(&reply[..n]).into_owned()
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).expect("read from redis");
+        let reply = String::from_utf8_lossy(&reply).into_owned();
+        reply.strip_suffix("+OK\r\n").map(str::to_owned).unwrap_or(reply)
     }
 
     /// The `process_id` of whatever Redis answers on this port, if one does.
