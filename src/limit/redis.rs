@@ -5,7 +5,9 @@
 //! (`redis::Script` loads it again by itself after `NOSCRIPT`, e.g. when Redis
 //! restarted): `redis/reserve.lua` admits or refuses a request, all or nothing and in
 //! the local limiter's order (`limit::local`), and `redis/settle.lua` corrects its
-//! tokens afterwards. Both read Redis's clock (`TIME`), never a replica's. This module
+//! tokens afterwards; both start with `redis/buckets.lua`, the one definition of how a
+//! stored bucket is read and refilled. Both read Redis's clock (`TIME`), never a
+//! replica's. This module
 //! builds the keys and arguments, and turns replies into [`Decision`]s; it does not
 //! decide what happens when Redis cannot answer (that is `limit::shared`) and it does
 //! not own the connection (`redis_link`).
@@ -136,8 +138,11 @@ impl RedisLimiter {
     pub fn new(link: Arc<RedisLink>, lease: Duration) -> Self {
         Self {
             link,
-            reserve: Script::new(include_str!("redis/reserve.lua")),
-            settle: Script::new(include_str!("redis/settle.lua")),
+            reserve: Script::new(concat!(
+                include_str!("redis/buckets.lua"),
+                include_str!("redis/reserve.lua")
+            )),
+            settle: Script::new(concat!(include_str!("redis/buckets.lua"), include_str!("redis/settle.lua"))),
             lease,
         }
     }
