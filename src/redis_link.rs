@@ -29,6 +29,7 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::{config::RedisConfig, error::StartupError, limit::Unavailable};
 
@@ -64,6 +65,8 @@ pub struct RedisLink {
     prefix: String,
     timeout: Duration,
     state: AtomicU8,
+    /// Work nobody waits on (lease releases, cache writes), given a moment at exit.
+    background: TaskTracker,
     /// What the link was built from, to tell whether a reload needs a new one.
     config: RedisConfig,
 }
@@ -99,6 +102,7 @@ impl RedisLink {
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             state: AtomicU8::new(UNKNOWN),
+            background: TaskTracker::new(),
             config: config.clone(),
         });
         tokio::spawn(probe_forever(Arc::downgrade(&link)));
@@ -190,6 +194,24 @@ impl RedisLink {
                 }
                 Err(Unavailable("redis timed out".into()))
             }
+        }
+    }
+
+    /// Runs `work` on `runtime` in the background, tracked so that
+    /// [`finish_background`](Self::finish_background) can wait for it.
+    pub fn spawn_background<F>(&self, runtime: &tokio::runtime::Handle, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.background.spawn_on(work, runtime);
+    }
+
+    /// Waits, at most `within`, for the background work started so far (at exit, so
+    /// that the last lease releases and cache writes still reach Redis).
+    pub async fn finish_background(&self, within: Duration) {
+        self.background.close();
+        if tokio::time::timeout(within, self.background.wait()).await.is_err() {
+            tracing::debug!(pending = self.background.len(), "background redis work left unfinished at exit");
         }
     }
 

@@ -185,10 +185,17 @@ pub async fn run(
         tokio::spawn(reload::on_file_change(live.clone(), path, overrides.clone()));
     }
     tokio::spawn(reload::on_sighup(hangups, live.clone(), source, overrides));
-    let served = serve_live(listener, live, shutdown).await;
+    let served = serve_live(listener, live.clone(), shutdown).await;
     let _ = stop.send(true);
+    if let Some(link) = &live.runtime().redis {
+        // The last requests' lease releases and cache writes, bounded.
+        link.finish_background(BACKGROUND_AT_EXIT).await;
+    }
     served
 }
+
+/// How long the process waits at exit for background Redis work still under way.
+const BACKGROUND_AT_EXIT: Duration = Duration::from_secs(1);
 
 /// The one startup line: where it listens (as bound, so port 0 shows the real port),
 /// what it forwards to, and which backends it runs.
