@@ -260,6 +260,40 @@ async fn two_replicas_share_one_concurrency_limit() {
 }
 
 #[tokio::test]
+async fn a_slot_freed_while_redis_is_stalled_is_released_once_it_answers() {
+    let Some(redis) = RedisServer::start() else { return };
+    let gate = Gate::new();
+    let upstream =
+        MockUpstream::new().route("/v1/chat/completions", Reply::openai().gate_after(1, &gate)).start().await;
+    let (a, b) = replicas(&config(&upstream, &redis, "max_concurrent = 1")).await;
+    until_both_share(&redis, &a, &b).await;
+    let held = chat(&a, TEAM_KEY, true, None).await;
+    assert_eq!(held.status(), 200);
+    let mut held = held.bytes_stream();
+    held.next().await.expect("a first chunk").expect("no error");
+
+    // Redis stalls; A finds out (a request waits the timeout, then is decided locally).
+    redis.freeze();
+    let local = chat(&a, TEAM_KEY, false, None).await;
+    assert_eq!(local.status(), 200, "decided on A's own limits while Redis is away");
+    local.bytes().await.expect("body");
+    // The held stream ends while A's link is down: its lease must still be released.
+    gate.open();
+    while held.next().await.transpose().expect("the stream ends cleanly").is_some() {}
+
+    redis.thaw();
+    let slots = format!("{PREFIX}limit:c:team:slots:1");
+    let deadline = Instant::now() + SHARING_WITHIN;
+    while !redis.command(&["ZCARD", &slots]).starts_with(":0") {
+        assert!(Instant::now() < deadline, "the lease outlived its request: {}", dump(&redis));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_both_share(&redis, &a, &b).await;
+    let response = chat(&b, TEAM_KEY, false, None).await;
+    assert_eq!(response.status(), 200, "the slot is free again");
+}
+
+#[tokio::test]
 async fn without_redis_each_replica_enforces_the_full_quota_then_shares_again() {
     let Some(mut redis) = RedisServer::start() else { return };
     let upstream = MockUpstream::new().start().await;

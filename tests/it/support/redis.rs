@@ -67,6 +67,23 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server in its tracks (SIGSTOP): connections stay open, and commands
+    /// sent meanwhile run when it [`thaw`](Self::thaw)s, with no data lost.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().map(Child::id).expect("redis-server is running");
+        let sent = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
+        assert!(sent.is_ok_and(|status| status.success()), "kill -{name} redis-server");
+    }
+
     /// Starts the server again on the same port and waits until it answers.
     pub fn resume(&mut self) {
         assert!(self.try_resume(), "redis-server did not answer on port {}", self.port);
