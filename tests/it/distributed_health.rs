@@ -145,3 +145,33 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test]
+async fn a_reload_to_another_redis_namespace_is_probed_at_once() {
+    let Some(redis) = RedisServer::start() else { return };
+    let config = |prefix: &str| {
+        crate::support::gateway::load(&crate::support::gateway::config_for(
+            "http://127.0.0.1:1",
+            &redis.section(prefix),
+        ))
+    };
+    let runtime = spillway::runtime::Runtime::new(config("a:")).expect("runtime builds");
+    let Some(first) = runtime.redis.clone() else { panic!("a link for [redis]") };
+    first.probe().await;
+    assert!(first.is_up());
+
+    let reloaded = runtime.reload(config("b:")).expect("reloads");
+    let Some(second) = reloaded.redis.clone() else { panic!("a link for [redis]") };
+    assert!(!std::sync::Arc::ptr_eq(&first, &second), "another prefix needs another link");
+    // Probed at once, not a probe interval later.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !second.is_up() {
+        assert!(Instant::now() < deadline, "the new link was not probed at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kept = reloaded.reload(config("b:")).expect("reloads");
+    assert!(
+        kept.redis.as_ref().is_some_and(|link| std::sync::Arc::ptr_eq(link, &second)),
+        "same [redis], same link"
+    );
+}
