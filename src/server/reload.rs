@@ -68,11 +68,11 @@ pub async fn on_file_change(live: Arc<Live>, path: PathBuf, overrides: Overrides
     use notify::{RecursiveMode, Watcher};
 
     let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    // Any change in the directory counts: a Kubernetes ConfigMap update swaps a `..data`
-    // symlink and never touches the file's own name. Reloading an unchanged file keeps
-    // every state.
+    let file_name = path.file_name().map(ToOwned::to_owned);
     let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|event| !event.kind.is_access()) {
+        if event.is_ok_and(|event| {
+            !event.kind.is_access() && event.paths.iter().any(|changed| concerns_config(changed, &file_name))
+        }) {
             let _ = changed.send(());
         }
     }) {
@@ -88,6 +88,17 @@ pub async fn on_file_change(live: Arc<Live>, path: PathBuf, overrides: Overrides
         while let Ok(Some(())) = tokio::time::timeout(SETTLE, changes.recv()).await {}
         reload(&live, &path, &overrides);
     }
+}
+
+/// Whether a change at `changed` in the config's directory can change the config: the
+/// file itself (written, or replaced by a rename), or a Kubernetes ConfigMap update,
+/// which swaps a `..data` symlink and never touches the file's own name. Other files
+/// (a log written next to the config, an editor's swap file) do not count, or a log
+/// line about a reload would set off the next one.
+fn concerns_config(changed: &Path, config_name: &Option<std::ffi::OsString>) -> bool {
+    changed.file_name().is_some_and(|name| {
+        Some(name) == config_name.as_deref() || name.as_encoded_bytes().starts_with(b"..")
+    })
 }
 
 /// How long the config file must be quiet before a change is reloaded.

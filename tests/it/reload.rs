@@ -76,6 +76,16 @@ async fn a_changed_config_file_is_reloaded_without_a_signal() {
     };
     assert_eq!(chat().await.expect("answer").status(), 200);
 
+    // Other files in the directory (a log kept next to the config) are not the config.
+    for line in 0..5 {
+        std::fs::write(dir.path().join("spillway.log"), format!("line {line}\n")).expect("write a log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let reloads =
+        running.logs.lock().expect("logs").iter().filter(|line| line.contains("config reloaded")).count();
+    assert_eq!(reloads, 0, "a change to another file reloaded the config");
+
     // An editor's save: write elsewhere, then rename over the file.
     let saved = dir.path().join("spillway.toml.tmp");
     std::fs::write(&saved, config(&upstream.base_url(), 1)).expect("write new config");
@@ -90,5 +100,45 @@ async fn a_changed_config_file_is_reloaded_without_a_signal() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(limited, "the changed file was never reloaded");
+    assert_eq!(running.terminate(), 0);
+}
+
+#[tokio::test]
+async fn a_configmap_update_is_reloaded() {
+    use std::os::unix::fs::symlink;
+
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Kubernetes' layout: spillway.toml -> ..data/spillway.toml, ..data -> ..2026_1.
+    std::fs::create_dir(dir.path().join("..2026_1")).expect("mkdir");
+    std::fs::write(dir.path().join("..2026_1/spillway.toml"), config(&upstream.base_url(), 1000))
+        .expect("write");
+    symlink("..2026_1", dir.path().join("..data")).expect("symlink ..data");
+    symlink("..data/spillway.toml", dir.path().join("spillway.toml")).expect("symlink config");
+    let path = dir.path().join("spillway.toml");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", running.addr());
+    let chat = || {
+        client.post(&url).bearer_auth("sk-caller").json(&json!({"model": "gpt-4o", "messages": []})).send()
+    };
+    assert_eq!(chat().await.expect("answer").status(), 200);
+
+    // An update: a new timestamped directory, then ..data swapped to it by a rename.
+    std::fs::create_dir(dir.path().join("..2026_2")).expect("mkdir");
+    std::fs::write(dir.path().join("..2026_2/spillway.toml"), config(&upstream.base_url(), 1))
+        .expect("write");
+    symlink("..2026_2", dir.path().join("..data_tmp")).expect("symlink ..data_tmp");
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).expect("swap ..data");
+
+    let mut limited = false;
+    for _ in 0..200 {
+        if chat().await.expect("answer").status() == 429 {
+            limited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(limited, "the ConfigMap update was never reloaded");
     assert_eq!(running.terminate(), 0);
 }
