@@ -85,6 +85,9 @@ mod otlp {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     use tracing_subscriber::Layer;
 
+    /// How long the exit waits for the last spans to be exported.
+    const FLUSH_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
     /// The exporter's pipeline, kept to flush it at exit.
     pub struct Traces(SdkTracerProvider);
 
@@ -114,9 +117,22 @@ mod otlp {
             Ok(Some((Self(provider), layer)))
         }
 
+        /// Flushes what is buffered, waiting at most [`FLUSH_AT_EXIT`] for the
+        /// collector: an unreachable one must not hold up the exit. The flush runs on
+        /// a thread of its own, since the SDK's own bound does not cover an export
+        /// already waiting on a silent collector.
         pub fn shutdown(self) {
-            if let Err(error) = self.0.shutdown() {
-                eprintln!("warning: could not flush OTLP spans: {error}");
+            let (done, finished) = std::sync::mpsc::channel();
+            let provider = self.0;
+            std::thread::spawn(move || {
+                let _ = done.send(provider.shutdown_with_timeout(FLUSH_AT_EXIT));
+            });
+            match finished.recv_timeout(FLUSH_AT_EXIT) {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => eprintln!("warning: could not flush OTLP spans: {error}"),
+                Err(_) => eprintln!(
+                    "warning: the OTLP collector did not take the last spans within {FLUSH_AT_EXIT:?}"
+                ),
             }
         }
     }

@@ -47,3 +47,36 @@ async fn a_request_span_is_exported_in_the_callers_trace() {
     assert!(contains(b"request"), "span name missing");
     assert!(!contains(b"sk-otlp-secret"), "a key was exported");
 }
+
+// Two threads: the silent collector keeps accepting while the test blocks on the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_does_not_hold_up_the_exit() {
+    let upstream = MockUpstream::new().start().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", silent.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
+    let running = Running::serve_with(&config, |command| {
+        command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    });
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", running.addr()))
+        .bearer_auth("sk-otlp")
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+
+    let started = tokio::time::Instant::now();
+    assert_eq!(running.terminate(), 0);
+    assert!(started.elapsed() < std::time::Duration::from_secs(6), "exit took {:?}", started.elapsed());
+}
