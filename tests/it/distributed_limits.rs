@@ -217,20 +217,35 @@ async fn two_replicas_share_one_tokens_limit() {
     assert_no_secrets(&redis, &[TEAM_KEY, PROBE_A.1, PROBE_B.1]);
 }
 
-#[tokio::test]
-async fn two_replicas_share_one_concurrency_limit() {
-    let Some(redis) = RedisServer::start() else { return };
-    let gate = Gate::new();
+/// Two sharing replicas of a key with `max_concurrent = 1`, and a stream on A that
+/// holds that one slot (its first chunk read) until `gate` opens.
+async fn holding_the_only_slot(
+    redis: &RedisServer,
+    gate: &Gate,
+) -> (
+    MockHandle,
+    TestGateway,
+    TestGateway,
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) {
     let upstream =
-        MockUpstream::new().route("/v1/chat/completions", Reply::openai().gate_after(1, &gate)).start().await;
-    let (a, b) = replicas(&config(&upstream, &redis, "max_concurrent = 1")).await;
-    until_both_share(&redis, &a, &b).await;
-
-    // A slow stream on A holds the only slot: B is refused, and so is A.
+        MockUpstream::new().route("/v1/chat/completions", Reply::openai().gate_after(1, gate)).start().await;
+    let (a, b) = replicas(&config(&upstream, redis, "max_concurrent = 1")).await;
+    until_both_share(redis, &a, &b).await;
     let held = chat(&a, TEAM_KEY, true, None).await;
     assert_eq!(held.status(), 200);
     let mut held = held.bytes_stream();
     held.next().await.expect("a first chunk").expect("no error");
+    (upstream, a, b, held)
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_concurrency_limit() {
+    let Some(redis) = RedisServer::start() else { return };
+    let gate = Gate::new();
+    let (_upstream, a, b, mut held) = holding_the_only_slot(&redis, &gate).await;
+
+    // A slow stream on A holds the only slot: B is refused, and so is A.
     for gateway in [&b, &a] {
         let refused = chat(gateway, TEAM_KEY, false, None).await;
         assert_eq!(number(&refused, "retry-after"), 1);
@@ -263,14 +278,7 @@ async fn two_replicas_share_one_concurrency_limit() {
 async fn a_slot_freed_while_redis_is_stalled_is_released_once_it_answers() {
     let Some(redis) = RedisServer::start() else { return };
     let gate = Gate::new();
-    let upstream =
-        MockUpstream::new().route("/v1/chat/completions", Reply::openai().gate_after(1, &gate)).start().await;
-    let (a, b) = replicas(&config(&upstream, &redis, "max_concurrent = 1")).await;
-    until_both_share(&redis, &a, &b).await;
-    let held = chat(&a, TEAM_KEY, true, None).await;
-    assert_eq!(held.status(), 200);
-    let mut held = held.bytes_stream();
-    held.next().await.expect("a first chunk").expect("no error");
+    let (_upstream, a, b, mut held) = holding_the_only_slot(&redis, &gate).await;
 
     // Redis stalls; A finds out (a request waits the timeout, then is decided locally).
     redis.freeze();

@@ -10,6 +10,26 @@ use crate::{
     support::upstream::MockUpstream,
 };
 
+/// The status of one chat completion through the gateway.
+async fn chat_status(running: &Running) -> u16 {
+    let url = format!("http://{}/v1/chat/completions", running.addr());
+    let body = json!({"model": "gpt-4o", "messages": []});
+    let sent = reqwest::Client::new().post(url).bearer_auth("sk-caller").json(&body).send();
+    sent.await.expect("answer").status().as_u16()
+}
+
+/// Whether the gateway refuses a request with 429 within 10 s of asking (a reload of a
+/// config with `requests_per_minute = 1` taking effect).
+async fn until_limited(running: &Running) -> bool {
+    for _ in 0..200 {
+        if chat_status(running).await == 429 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 fn config(base_url: &str, requests_per_minute: u32) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n\n[limits.default]\nrequests_per_minute = {requests_per_minute}\n\n[[upstreams]]\nname = \"mock\"\nbase_url = \"{base_url}\"\n\n[cache]\nenabled = false\n"
@@ -69,12 +89,7 @@ async fn a_changed_config_file_is_reloaded_without_a_signal() {
     let path = dir.path().join("spillway.toml");
     std::fs::write(&path, config(&upstream.base_url(), 1000)).expect("write config");
     let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
-    let client = reqwest::Client::new();
-    let url = format!("http://{}/v1/chat/completions", running.addr());
-    let chat = || {
-        client.post(&url).bearer_auth("sk-caller").json(&json!({"model": "gpt-4o", "messages": []})).send()
-    };
-    assert_eq!(chat().await.expect("answer").status(), 200);
+    assert_eq!(chat_status(&running).await, 200);
 
     // Other files in the directory (a log kept next to the config) are not the config.
     for line in 0..5 {
@@ -91,15 +106,7 @@ async fn a_changed_config_file_is_reloaded_without_a_signal() {
     std::fs::write(&saved, config(&upstream.base_url(), 1)).expect("write new config");
     std::fs::rename(&saved, &path).expect("replace config");
 
-    let mut limited = false;
-    for _ in 0..200 {
-        if chat().await.expect("answer").status() == 429 {
-            limited = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(limited, "the changed file was never reloaded");
+    assert!(until_limited(&running).await, "the changed file was never reloaded");
     assert_eq!(running.terminate(), 0);
 }
 
@@ -117,12 +124,7 @@ async fn a_configmap_update_is_reloaded() {
     symlink("..data/spillway.toml", dir.path().join("spillway.toml")).expect("symlink config");
     let path = dir.path().join("spillway.toml");
     let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
-    let client = reqwest::Client::new();
-    let url = format!("http://{}/v1/chat/completions", running.addr());
-    let chat = || {
-        client.post(&url).bearer_auth("sk-caller").json(&json!({"model": "gpt-4o", "messages": []})).send()
-    };
-    assert_eq!(chat().await.expect("answer").status(), 200);
+    assert_eq!(chat_status(&running).await, 200);
 
     // An update: a new timestamped directory, then ..data swapped to it by a rename.
     std::fs::create_dir(dir.path().join("..2026_2")).expect("mkdir");
@@ -131,14 +133,6 @@ async fn a_configmap_update_is_reloaded() {
     symlink("..2026_2", dir.path().join("..data_tmp")).expect("symlink ..data_tmp");
     std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).expect("swap ..data");
 
-    let mut limited = false;
-    for _ in 0..200 {
-        if chat().await.expect("answer").status() == 429 {
-            limited = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(limited, "the ConfigMap update was never reloaded");
+    assert!(until_limited(&running).await, "the ConfigMap update was never reloaded");
     assert_eq!(running.terminate(), 0);
 }
