@@ -16,7 +16,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -71,9 +71,12 @@ pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: Option<PrometheusHandle>,
+    header_read_timeout: std::time::Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The probes' port gets the main listener's slowloris bound too.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {

@@ -159,7 +159,8 @@ pub async fn run(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(admin) = admin {
         let mut stopped = stopped.clone();
-        tokio::spawn(admin::serve(admin, health.clone(), metrics, async move {
+        let header_read_timeout = live.runtime().config.server.header_read_timeout;
+        tokio::spawn(admin::serve(admin, health.clone(), metrics, header_read_timeout, async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     }
