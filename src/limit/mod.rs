@@ -123,6 +123,22 @@ impl Permit {
     pub fn new(guard: impl Any + Send + Sync) -> Self {
         Self(Some(Box::new(guard)))
     }
+
+    /// Whether a slot is held.
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The guard, if it is a `T` (the backend that made it takes it back).
+    pub(crate) fn take<T: Any>(&mut self) -> Option<T> {
+        match self.0.take()?.downcast::<T>() {
+            Ok(guard) => Some(*guard),
+            Err(other) => {
+                self.0 = Some(other);
+                None
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Permit {
@@ -176,6 +192,23 @@ pub trait Limiter: Send + Sync + 'static {
         quota: &'a Quota,
         delta: i64,
     ) -> BoxFuture<'a, Result<(), Unavailable>>;
+
+    /// Ends an admitted request: settles `delta` as [`settle`](Self::settle) does and
+    /// gives back `permit`'s slot, which happens even when this fails. A backend that
+    /// can do both in one exchange overrides it.
+    fn finish<'a>(
+        &'a self,
+        key: &'a BucketKey,
+        quota: &'a Quota,
+        delta: i64,
+        permit: Permit,
+    ) -> BoxFuture<'a, Result<(), Unavailable>> {
+        drop(permit);
+        match delta == 0 || quota.tokens_per_minute.is_none() {
+            true => Box::pin(std::future::ready(Ok(()))),
+            false => self.settle(key, quota, delta),
+        }
+    }
 }
 
 pub mod local;

@@ -193,16 +193,31 @@ impl RedisLimiter {
         ReserveReply::parse(&reply)?.decision(quota, lease)
     }
 
-    async fn correct(&self, key: &BucketKey, quota: &Quota, delta: i64) -> Result<(), Unavailable> {
-        let (Some(capacity), Some(per_minute)) = (quota.token_capacity(), quota.tokens_per_minute) else {
-            return Ok(());
-        };
-        if delta == 0 {
+    /// Settles `delta` tokens and removes `lease`, both in one script call (none when
+    /// there is nothing to do). A lease the call did not remove is released in the
+    /// background when it drops.
+    async fn correct(
+        &self,
+        key: &BucketKey,
+        quota: &Quota,
+        delta: i64,
+        lease: Option<Lease>,
+    ) -> Result<(), Unavailable> {
+        let tokens = quota.token_capacity().zip(quota.tokens_per_minute).filter(|_| delta != 0);
+        if tokens.is_none() && lease.is_none() {
             return Ok(());
         }
+        let (capacity, per_minute) =
+            tokens.map_or((0, 0), |(capacity, per_minute)| (capacity, per_minute.get()));
         let keys = self.keys(key, quota);
         let mut invocation = self.settle.prepare_invoke();
-        invocation.key(&keys.buckets).arg(capacity).arg(per_minute.get()).arg(delta);
+        invocation
+            .key(&keys.buckets)
+            .key(lease.as_ref().map_or(keys.slots.as_str(), |lease| lease.slots.as_str()))
+            .arg(capacity)
+            .arg(per_minute)
+            .arg(delta)
+            .arg(lease.as_ref().map_or("", |lease| lease.id.as_str()));
         let remaining: i64 = self
             .link
             .call(
@@ -210,6 +225,9 @@ impl RedisLimiter {
                 |mut connection| async move { invocation.invoke_async(&mut connection).await },
             )
             .await?;
+        if let Some(lease) = lease {
+            lease.disarm();
+        }
         if remaining < 0 {
             return Err(malformed("settle replied a negative level"));
         }
@@ -233,7 +251,21 @@ impl Limiter for RedisLimiter {
         quota: &'a Quota,
         delta: i64,
     ) -> BoxFuture<'a, Result<(), Unavailable>> {
-        Box::pin(self.correct(key, quota, delta))
+        Box::pin(self.correct(key, quota, delta, None))
+    }
+
+    /// Settles and removes the request's lease in one script call. A permit that is
+    /// not a lease (a local slot, taken while Redis was away) is given back at once.
+    fn finish<'a>(
+        &'a self,
+        key: &'a BucketKey,
+        quota: &'a Quota,
+        delta: i64,
+        mut permit: Permit,
+    ) -> BoxFuture<'a, Result<(), Unavailable>> {
+        let lease = permit.take::<Lease>();
+        drop(permit);
+        Box::pin(self.correct(key, quota, delta, lease))
     }
 }
 

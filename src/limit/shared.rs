@@ -26,7 +26,9 @@ use std::sync::{
 
 use futures_util::future::BoxFuture;
 
-use super::{BucketKey, Decision, Limiter, Quota, Unavailable, local::LocalLimiter, redis::RedisLimiter};
+use super::{
+    BucketKey, Decision, Limiter, Permit, Quota, Unavailable, local::LocalLimiter, redis::RedisLimiter,
+};
 
 /// Redis first, the local limiter when Redis cannot answer. Holds no state of its
 /// own beyond the local limiter it is given, which a reload passes on.
@@ -100,6 +102,41 @@ impl Limiter for SharedLimiter {
             self.local.adjust(key, quota, delta);
             Ok(())
         })
+    }
+
+    fn finish<'a>(
+        &'a self,
+        key: &'a BucketKey,
+        quota: &'a Quota,
+        delta: i64,
+        permit: Permit,
+    ) -> BoxFuture<'a, Result<(), Unavailable>> {
+        Box::pin(self.end(key, quota, delta, permit))
+    }
+}
+
+impl SharedLimiter {
+    /// [`Limiter::finish`]: in one exchange with Redis while it is up; otherwise the
+    /// slot goes back by itself (a Redis lease's release is retried in the background,
+    /// a local slot is freed at once) and the tokens are settled locally.
+    async fn end(
+        &self,
+        key: &BucketKey,
+        quota: &Quota,
+        delta: i64,
+        permit: Permit,
+    ) -> Result<(), Unavailable> {
+        if self.redis.is_up() {
+            let shared = self.redis.finish(key, quota, delta, permit).await;
+            self.note(&shared);
+            if shared.is_ok() {
+                return Ok(());
+            }
+        } else {
+            drop(permit);
+        }
+        self.local.adjust(key, quota, delta);
+        Ok(())
     }
 }
 

@@ -54,15 +54,14 @@ impl Settlement {
     /// Charges `actual` tokens instead of the estimate, and frees the slot.
     fn settle(self, actual: u64) {
         let delta = actual as i64 - self.estimate.total() as i64;
-        drop(self.permit);
-        if delta == 0 || self.quota.tokens_per_minute.is_none() {
+        if !self.permit.is_held() && (delta == 0 || self.quota.tokens_per_minute.is_none()) {
             return;
         }
-        let (limiter, key, quota) = (self.limiter, self.key, self.quota);
+        let (limiter, key, quota, permit) = (self.limiter, self.key, self.quota, self.permit);
         // The local limiter settles at once, so the next request of this caller
         // already sees it; a remote one finishes in the background.
         super::finish_soon(self.span, async move {
-            if let Err(error) = limiter.settle(&key, &quota, delta).await {
+            if let Err(error) = limiter.finish(&key, &quota, delta, permit).await {
                 tracing::warn!(%error, "could not settle token usage");
             }
         });

@@ -7,14 +7,27 @@
 -- src/limit/redis.rs: edit them together.
 --
 -- KEYS[1]  buckets hash: tl, ta (tokens level in micro-tokens, updated at in us)
--- ARGV[1]  tokens capacity   ARGV[2] tokens per minute   ARGV[3] delta, in tokens
+-- KEYS[2]  slots sorted set (reserve.lua's)
+-- ARGV[1]  tokens capacity, 0 = no tokens limit   ARGV[2] tokens per minute
+-- ARGV[3]  delta, in tokens                        ARGV[4] permit id to release, "" = none
 --
--- Reply: the tokens remaining after settling.
+-- Reply: the tokens remaining after settling (0 without a tokens limit).
+--
+-- The request's concurrency lease is removed here too, so that ending a request is
+-- one call.
 --
 -- A missing bucket is a full one (its key expired because it had refilled), so a
 -- charge is still recorded after the key has gone; a refund into it changes nothing.
 
 local capacity, per_minute, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local permit = ARGV[4]
+
+if permit ~= nil and permit ~= '' then
+  redis.call('ZREM', KEYS[2], permit)
+end
+if capacity == 0 or delta == 0 then
+  return 0
+end
 
 local stored = redis.call('HMGET', KEYS[1], 'tl', 'ta')
 if (tonumber(stored[1]) == nil or tonumber(stored[2]) == nil) and delta <= 0 then

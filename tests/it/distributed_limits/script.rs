@@ -192,6 +192,40 @@ async fn a_lease_left_by_a_replica_that_died_expires() {
 }
 
 #[tokio::test]
+async fn finishing_a_request_settles_its_tokens_and_frees_its_slot_in_one_call() {
+    let Some(redis) = RedisServer::start() else { return };
+    let shared = RedisLimiter::new(link(&redis).await, lease_for(Duration::from_secs(600)));
+    let key = BucketKey::Configured(KeyId::new("team"));
+    let quota = Quota { tokens_per_minute: n(60), max_concurrent: n(1), ..Quota::default() };
+
+    let Ok(Decision::Admitted { permit, .. }) = shared.reserve(&key, &quota, 40).await else {
+        panic!("the first request is admitted")
+    };
+    let before = redis.command(&["INFO", "commandstats"]);
+    shared.finish(&key, &quota, -30, permit).await.expect("finish");
+    let after = redis.command(&["INFO", "commandstats"]);
+    // Script calls that ran (a first EVALSHA fails with NOSCRIPT, then loads it).
+    let calls = |stats: &str| {
+        let line = stats.lines().find(|line| line.starts_with("cmdstat_evalsha:")).unwrap_or_default();
+        let field = |name: &str| {
+            line.split(',').find_map(|part| part.split_once(name)).and_then(|(_, n)| n.parse::<u64>().ok())
+        };
+        field("calls=").unwrap_or(0) - field("failed_calls=").unwrap_or(0)
+    };
+    assert_eq!(calls(&after) - calls(&before), 1, "one script call");
+    // Read before this test yields to anything spawned: the script itself freed it.
+    assert_eq!(redis.command(&["ZCARD", &format!("{PREFIX}limit:c:team:slots:1")]), ":0\r\n");
+
+    // The slot is free, and 30 of the 40 tokens came back: 60 - 10 = 50 left.
+    match shared.reserve(&key, &quota, 0).await {
+        Ok(Decision::Admitted { snapshot, .. }) => {
+            assert_eq!(snapshot.tokens.map(|tokens| tokens.remaining), Some(50));
+        }
+        other => panic!("expected admitted, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn scripts_are_loaded_again_when_redis_forgot_them() {
     let Some(redis) = RedisServer::start() else { return };
     let shared = RedisLimiter::new(link(&redis).await, lease_for(Duration::from_secs(600)));
