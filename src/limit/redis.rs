@@ -5,10 +5,10 @@
 //! (`redis::Script` loads it again by itself after `NOSCRIPT`, e.g. when Redis
 //! restarted): `redis/reserve.lua` admits or refuses a request, all or nothing and in
 //! the local limiter's order (`limit::local`), and `redis/settle.lua` corrects its
-//! tokens afterwards; both start with `redis/buckets.lua`, the one definition of how a
-//! stored bucket is read and refilled. Both read Redis's clock (`TIME`), never a
-//! replica's. This module
-//! builds the keys and arguments, and turns replies into [`Decision`]s; it does not
+//! tokens afterwards and, when the request ends ([`Limiter::finish`]), removes its
+//! concurrency lease in the same call. Both start with `redis/buckets.lua`, the one
+//! definition of how a stored bucket is read and refilled, and both read Redis's clock
+//! (`TIME`), never a replica's. This module builds the keys and arguments, and turns replies into [`Decision`]s; it does not
 //! decide what happens when Redis cannot answer (that is `limit::shared`) and it does
 //! not own the connection (`redis_link`).
 //!
