@@ -122,6 +122,8 @@ impl Cli {
             },
         };
         runtime.block_on(async { telemetry.shutdown() });
+        // Blocking work still running (a DNS lookup that hangs) must not hold up the exit.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         exit
     }
 

@@ -30,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod background;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -5,10 +5,11 @@
 //!
 //! The shared limiter and the shared cache tier make their calls through
 //! [`RedisLink::call`]. While the link is down a call fails at once with
-//! [`Unavailable`] and the caller falls back to its local state; a call that fails
-//! for want of a connection, or outlasts the timeout, marks the link down. A
-//! background probe (a `PING` a second, the first at once) marks it up again once
-//! Redis answers within the timeout, so sharing resumes within about a second of
+//! [`Unavailable`] and the caller falls back to its local state; a limits call that
+//! fails for want of a connection, or outlasts the timeout, marks the link down (a
+//! slow cache call is only a miss). A background probe (a `PING` a second on the
+//! limits connection, the first at once) judges the link too, and marks it up again
+//! once Redis answers within the timeout, so sharing resumes within about a second of
 //! Redis returning, and a Redis that answers but too slowly stays down instead of
 //! flapping. The connection managers reconnect by themselves, and scripts are
 //! re-loaded on `NOSCRIPT` by `redis::Script`. Each change of state (the first
@@ -29,7 +30,6 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 
 use crate::{config::RedisConfig, error::StartupError, limit::Unavailable};
 
@@ -65,8 +65,6 @@ pub struct RedisLink {
     prefix: String,
     timeout: Duration,
     state: AtomicU8,
-    /// Work nobody waits on (lease releases, cache writes), given a moment at exit.
-    background: TaskTracker,
     /// What the link was built from, to tell whether a reload needs a new one.
     config: RedisConfig,
 }
@@ -88,7 +86,10 @@ impl RedisLink {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client = redis::Client::open(config.url.expose().as_str()).map_err(invalid)?;
+        // No response timeout of redis-rs's own (500 ms by default): every call has its
+        // own deadline here, and a cache write may take longer than a lookup.
         let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(None)
             .set_connection_timeout(Some(config.timeout.max(CONNECT_TIMEOUT)))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(100))
@@ -102,7 +103,6 @@ impl RedisLink {
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             state: AtomicU8::new(UNKNOWN),
-            background: TaskTracker::new(),
             config: config.clone(),
         });
         tokio::spawn(probe_forever(Arc::downgrade(&link)));
@@ -132,7 +132,9 @@ impl RedisLink {
     }
 
     /// Runs one exchange with Redis on `lane` within the timeout. Fails at once while
-    /// the link is down; a connection failure or a timeout marks it down.
+    /// the link is down. On the limits lane a connection failure or a timeout marks
+    /// the link down; the cache lane never does (a large entry may be slow, and it
+    /// must not send admissions to local limits): the probe judges its health.
     pub async fn call<T, F, Fut>(&self, lane: Lane, exchange: F) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
@@ -141,7 +143,7 @@ impl RedisLink {
         if !self.is_up() {
             return Err(Unavailable("redis is down".into()));
         }
-        self.call_within(lane, self.timeout, true, exchange).await
+        self.call_within(lane, self.timeout, lane == Lane::Limits, exchange).await
     }
 
     /// Runs one exchange whatever the link's state, within `timeout`, without
@@ -197,41 +199,21 @@ impl RedisLink {
         }
     }
 
-    /// Runs `work` on `runtime` in the background, tracked so that
-    /// [`finish_background`](Self::finish_background) can wait for it.
-    pub fn spawn_background<F>(&self, runtime: &tokio::runtime::Handle, work: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        self.background.spawn_on(work, runtime);
-    }
-
-    /// Waits, at most `within`, for the background work started so far (at exit, so
-    /// that the last lease releases and cache writes still reach Redis).
-    pub async fn finish_background(&self, within: Duration) {
-        self.background.close();
-        if tokio::time::timeout(within, self.background.wait()).await.is_err() {
-            tracing::debug!(pending = self.background.len(), "background redis work left unfinished at exit");
-        }
-    }
-
-    /// Pings Redis once on each connection and records the outcome: up only if both
-    /// answer within the timeout (the first `PING` after a reconnect may take the
-    /// longer connect time, so a slow one is asked again). Awaited at startup so
-    /// that a reachable Redis is shared from the first request.
+    /// Pings Redis once on the limits connection and records the outcome: up only if
+    /// it answers within the timeout (the first `PING` after a reconnect may take the
+    /// longer connect time, so a slow one is asked again). The cache connection is
+    /// not asked: writes queued on it must not make Redis look slow. Awaited at
+    /// startup so that a reachable Redis is shared from the first request.
     pub async fn probe(&self) {
-        for connection in [&self.limits, &self.cache] {
-            let mut outcome = ping(connection, self.timeout.max(CONNECT_TIMEOUT)).await;
-            if matches!(outcome, Ok(took) if took > self.timeout) {
-                outcome = ping(connection, self.timeout).await;
-            }
-            match outcome {
-                Ok(took) if took <= self.timeout => {}
-                Ok(_) => return self.mark_down(&format!("PING slower than {:?}", self.timeout)),
-                Err(reason) => return self.mark_down(&reason),
-            }
+        let mut outcome = ping(&self.limits, self.timeout.max(CONNECT_TIMEOUT)).await;
+        if matches!(outcome, Ok(took) if took > self.timeout) {
+            outcome = ping(&self.limits, self.timeout).await;
         }
-        self.mark_up();
+        match outcome {
+            Ok(took) if took <= self.timeout => self.mark_up(),
+            Ok(_) => self.mark_down(&format!("PING slower than {:?}", self.timeout)),
+            Err(reason) => self.mark_down(&reason),
+        }
     }
 
     fn mark_up(&self) {

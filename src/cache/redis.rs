@@ -57,11 +57,6 @@ impl RedisStore {
         Self { link, max_entry_weight: max_entry_weight.min(MAX_ENTRY_WEIGHT) }
     }
 
-    /// The link this store talks through.
-    pub fn link(&self) -> &RedisLink {
-        &self.link
-    }
-
     /// `{prefix}cache:{hex digest}`: the Redis key of an entry.
     fn redis_key(&self, key: &CacheKey) -> String {
         format!("{}cache:{key}", self.link.prefix())

@@ -73,7 +73,7 @@ impl CacheStore for TieredStore {
                     tracing::debug!(%error, "shared cache write failed; kept in memory only");
                 }
             };
-            self.shared.link().spawn_background(&tokio::runtime::Handle::current(), write.in_current_span());
+            crate::background::spawn(write.in_current_span());
             Ok(())
         })
     }

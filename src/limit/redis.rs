@@ -374,8 +374,7 @@ impl Drop for Lease {
         let (link, slots, id) = (self.link.clone(), mem::take(&mut self.slots), mem::take(&mut self.id));
         // Tried even while the link is down, and again for a while, so that a slot
         // held across a short outage is not lost until its lease expires.
-        let background = link.clone();
-        background.spawn_background(&runtime, async move {
+        crate::background::spawn_on(&runtime, async move {
             for attempt in 1..=RELEASE_ATTEMPTS {
                 let release =
                     link.call_in_background(Lane::Limits, link.timeout(), |mut connection| {

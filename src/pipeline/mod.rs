@@ -120,11 +120,12 @@ impl<S> ProxyService for S where
 }
 
 /// Runs `work` now if it completes at once (the in-memory backends), or in the
-/// background (a remote backend), so it never delays a response. It runs in `span`, the
-/// request's, so its log lines carry the request id.
+/// background (a remote backend, tracked by [`crate::background`]), so it never
+/// delays a response. It runs in `span`, the request's, so its log lines carry the
+/// request id.
 pub(crate) fn finish_soon(span: tracing::Span, work: impl Future<Output = ()> + Send + 'static) {
     let mut work = Box::pin(tracing::Instrument::instrument(work, span));
     if work.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
-        tokio::spawn(work);
+        crate::background::spawn(work);
     }
 }

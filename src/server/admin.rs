@@ -66,6 +66,9 @@ impl std::fmt::Debug for Health {
     }
 }
 
+/// The longest an admin connection stays open; scrapers and probes reconnect.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -97,8 +100,12 @@ pub async fn serve(
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "admin connection ended with an error");
+            // A probe or a scrape takes milliseconds: a connection that lingers (one
+            // that never sends a byte, say) is closed, however it behaves.
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(error)) => tracing::debug!(%error, "admin connection ended with an error"),
+                Ok(Ok(())) => {}
+                Err(_) => tracing::debug!("admin connection closed after {CONNECTION_LIFETIME:?}"),
             }
         });
     }

@@ -25,6 +25,13 @@ mod tls;
 pub use admin::Health;
 pub use reload::Live;
 
+/// Keepalive probes on client connections: a peer gone without a word (a tunnel's
+/// client that lost power) is found out after about 90 s and its slot freed.
+const TCP_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
+
 /// How long a client may take to finish a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,6 +98,9 @@ pub async fn serve_live(
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
+        }
+        if let Err(error) = socket2::SockRef::from(&stream).set_tcp_keepalive(&TCP_KEEPALIVE) {
+            tracing::debug!(%error, %peer, "could not set TCP keepalive");
         }
         let (builder, live, stopped) = (builder.clone(), live.clone(), stopped.clone());
         match &tls {
@@ -186,16 +196,14 @@ pub async fn run(
         tokio::spawn(reload::on_file_change(live.clone(), path, overrides.clone()));
     }
     tokio::spawn(reload::on_sighup(hangups, live.clone(), source, overrides));
-    let served = serve_live(listener, live.clone(), shutdown).await;
+    let served = serve_live(listener, live, shutdown).await;
     let _ = stop.send(true);
-    if let Some(link) = &live.runtime().redis {
-        // The last requests' lease releases and cache writes, bounded.
-        link.finish_background(BACKGROUND_AT_EXIT).await;
-    }
+    // The last requests' settlements, lease releases and cache writes, bounded.
+    crate::background::finish(BACKGROUND_AT_EXIT).await;
     served
 }
 
-/// How long the process waits at exit for background Redis work still under way.
+/// How long the process waits at exit for background work still under way.
 const BACKGROUND_AT_EXIT: Duration = Duration::from_secs(1);
 
 /// The one startup line: where it listens (as bound, so port 0 shows the real port),

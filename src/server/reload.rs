@@ -68,10 +68,19 @@ pub async fn on_file_change(live: Arc<Live>, path: PathBuf, overrides: Overrides
     use notify::{RecursiveMode, Watcher};
 
     let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let file_name = path.file_name().map(ToOwned::to_owned);
+    // The file's own name, and the name it links to when it is a symlink (a link to
+    // another file of the same directory is edited under that name).
+    let names: Vec<std::ffi::OsString> = [Some(path.clone()), std::fs::read_link(&path).ok()]
+        .into_iter()
+        .flatten()
+        .filter_map(|name| name.file_name().map(ToOwned::to_owned))
+        .collect();
     let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // An event without paths (the watcher lost track, e.g. an overflow) may be one.
         if event.is_ok_and(|event| {
-            !event.kind.is_access() && event.paths.iter().any(|changed| concerns_config(changed, &file_name))
+            !event.kind.is_access()
+                && (event.paths.is_empty()
+                    || event.paths.iter().any(|changed| concerns_config(changed, &names)))
         }) {
             let _ = changed.send(());
         }
@@ -91,13 +100,13 @@ pub async fn on_file_change(live: Arc<Live>, path: PathBuf, overrides: Overrides
 }
 
 /// Whether a change at `changed` in the config's directory can change the config: the
-/// file itself (written, or replaced by a rename), or a Kubernetes ConfigMap update,
-/// which swaps a `..data` symlink and never touches the file's own name. Other files
-/// (a log written next to the config, an editor's swap file) do not count, or a log
-/// line about a reload would set off the next one.
-fn concerns_config(changed: &Path, config_name: &Option<std::ffi::OsString>) -> bool {
+/// file itself under one of its `names` (written, or replaced by a rename), or a
+/// Kubernetes ConfigMap update, which swaps a `..data` symlink and never touches the
+/// file's own name. Other files (a log written next to the config, an editor's swap
+/// file) do not count, or a log line about a reload would set off the next one.
+fn concerns_config(changed: &Path, names: &[std::ffi::OsString]) -> bool {
     changed.file_name().is_some_and(|name| {
-        Some(name) == config_name.as_deref() || name.as_encoded_bytes().starts_with(b"..")
+        names.iter().any(|config| config.as_os_str() == name) || name.as_encoded_bytes().starts_with(b"..")
     })
 }
 

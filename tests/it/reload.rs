@@ -136,3 +136,19 @@ async fn a_configmap_update_is_reloaded() {
     assert!(until_limited(&running).await, "the ConfigMap update was never reloaded");
     assert_eq!(running.terminate(), 0);
 }
+
+#[tokio::test]
+async fn a_config_that_links_to_another_file_beside_it_reloads_when_that_file_changes() {
+    let upstream = MockUpstream::new().start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("spillway.prod.toml");
+    std::fs::write(&target, config(&upstream.base_url(), 1000)).expect("write config");
+    let path = dir.path().join("spillway.toml");
+    std::os::unix::fs::symlink("spillway.prod.toml", &path).expect("symlink");
+    let running = Running::start(spillway(dir.path()).args(["--log-format", "json", "--config"]).arg(&path));
+    assert_eq!(chat_status(&running).await, 200);
+
+    std::fs::write(&target, config(&upstream.base_url(), 1)).expect("edit the linked file");
+    assert!(until_limited(&running).await, "the linked file's change was never reloaded");
+    assert_eq!(running.terminate(), 0);
+}

@@ -192,7 +192,7 @@ async fn a_lease_left_by_a_replica_that_died_expires() {
 }
 
 #[tokio::test]
-async fn finishing_a_request_settles_its_tokens_and_frees_its_slot_in_one_call() {
+async fn finishing_a_request_settles_its_tokens_and_frees_its_slot() {
     let Some(redis) = RedisServer::start() else { return };
     let shared = RedisLimiter::new(link(&redis).await, lease_for(Duration::from_secs(600)));
     let key = BucketKey::Configured(KeyId::new("team"));
@@ -213,7 +213,6 @@ async fn finishing_a_request_settles_its_tokens_and_frees_its_slot_in_one_call()
         field("calls=").unwrap_or(0) - field("failed_calls=").unwrap_or(0)
     };
     assert_eq!(calls(&after) - calls(&before), 1, "one script call");
-    // Read before this test yields to anything spawned: the script itself freed it.
     assert_eq!(redis.command(&["ZCARD", &format!("{PREFIX}limit:c:team:slots:1")]), ":0\r\n");
 
     // The slot is free, and 30 of the 40 tokens came back: 60 - 10 = 50 left.
