@@ -91,17 +91,8 @@ impl Limiter for SharedLimiter {
         quota: &'a Quota,
         delta: i64,
     ) -> BoxFuture<'a, Result<(), Unavailable>> {
-        Box::pin(async move {
-            if self.redis.is_up() {
-                let shared = self.redis.settle(key, quota, delta).await;
-                self.note(&shared);
-                if shared.is_ok() {
-                    return Ok(());
-                }
-            }
-            self.local.adjust(key, quota, delta);
-            Ok(())
-        })
+        // A settle is an end without a slot to give back.
+        Box::pin(self.end(key, quota, delta, Permit::default()))
     }
 
     fn finish<'a>(
@@ -116,8 +107,8 @@ impl Limiter for SharedLimiter {
 }
 
 impl SharedLimiter {
-    /// [`Limiter::finish`]: in one exchange with Redis while it is up; otherwise the
-    /// slot goes back by itself (a Redis lease's release is retried in the background,
+    /// [`Limiter::finish`] (and [`Limiter::settle`], with no permit): in one exchange
+    /// with Redis while it is up; otherwise the slot goes back by itself (a Redis lease's release is retried in the background,
     /// a local slot is freed at once) and the tokens are settled locally.
     async fn end(
         &self,
