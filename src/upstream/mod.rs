@@ -16,6 +16,7 @@ use crate::{
 pub mod client;
 pub mod headers;
 pub mod health;
+pub mod path;
 
 pub use client::{HttpClient, UpstreamBody};
 

@@ -1,0 +1,148 @@
+//! A caller cannot sidestep a decision by spelling a request differently: every
+//! decision (route, model allowlist, estimate) is made on the path and body the
+//! upstream acts on, and the upstream gets exactly that path.
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{
+    gateway::{TestGateway, config_for, http},
+    upstream::MockUpstream,
+};
+
+const RESTRICTED_KEY: &str = r#"
+[auth]
+mode = "keys"
+
+[[keys]]
+id = "search"
+key = "gw-search"
+models = ["gpt-4o*"]
+"#;
+
+/// Sends one HTTP/1.1 request as written (HTTP clients normalise paths before they
+/// leave) and returns the status and the body parsed as JSON (`Null` if it is not).
+async fn raw(gateway: &TestGateway, method: &str, path: &str, key: &str, body: &str) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: text/plain\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.get(9..12).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_encoded_spelling_of_a_model_endpoint_is_still_allowlisted() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), RESTRICTED_KEY)).await;
+    let forbidden = r#"{"model":"o3","messages":[]}"#;
+
+    for path in [
+        "/v1/%63hat/completions",
+        "/v1/chat/%63ompletions",
+        "/v1/CHAT/Completions",
+        "/%76%31/chat/completions",
+    ] {
+        let (status, body) = raw(&gateway, "POST", path, "gw-search", forbidden).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "model_not_allowed", "{path}");
+    }
+    assert_eq!(upstream.calls(), 0);
+
+    let allowed = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let (status, _) = raw(&gateway, "POST", "/v1/%63hat/%63ompletions", "gw-search", allowed).await;
+    assert_eq!(status, 200);
+    assert_eq!(upstream.last_request().uri, "/v1/chat/completions", "the upstream gets the decided path");
+}
+
+#[tokio::test]
+async fn the_upstream_gets_the_normal_form_and_the_query_as_sent() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    raw(&gateway, "GET", "/v1/%6Dodels/gpt%2d4o?after=a%2Fb", "sk-caller", "").await;
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(upstream.last_request().uri, "/v1/models/gpt-4o?after=a%2Fb");
+}
+
+#[tokio::test]
+async fn ambiguous_spellings_are_400_and_never_reach_the_upstream() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+    let chat = r#"{"model":"gpt-4o","messages":[]}"#;
+
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/chat%2fcompletions",
+        "/v1/..%2f..%2fadmin",
+        "/v1/../admin",
+        "/v1/files/%2e%2e/secrets",
+        "/v1/files/.%2E/secrets",
+        "/v1/./models",
+        "/v1//chat/completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions;x=1",
+        "/v1/chat%3Bx/completions",
+        "/v1/%252e%252e/admin",
+        "/v1/chat%5Ccompletions",
+        "/v1/chat\\completions",
+        "/v1/models%00",
+        "/v1/models%zz",
+    ] {
+        let (status, body) = raw(&gateway, "POST", path, "sk-caller", chat).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_path", "{path}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_model_call_without_a_model_is_400() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let passthrough = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+    let restricted = TestGateway::start(&config_for(&upstream.base_url(), RESTRICTED_KEY)).await;
+
+    for (gateway, key) in [(&passthrough, "sk-caller"), (&restricted, "gw-search")] {
+        for (path, body) in [
+            ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}]})),
+            ("/v1/chat/completions", json!({"model": null, "messages": []})),
+            ("/v1/chat/completions", json!({"model": "", "messages": []})),
+            ("/v1/embeddings", json!({"input": "hi"})),
+            ("/v1/responses", json!({"input": "hi"})),
+        ] {
+            let response =
+                http().post(gateway.url(path)).bearer_auth(key).json(&body).send().await.expect("answer");
+            assert_eq!(response.status(), 400, "{path} {body}");
+            let error: Value = response.json().await.expect("JSON error");
+            assert_eq!(error["error"]["type"], "invalid_request_error");
+            assert_eq!(error["error"]["param"], "model");
+            assert_eq!(error["error"]["code"], "missing_required_parameter");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_huge_model_name_is_not_echoed_whole() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), RESTRICTED_KEY)).await;
+    let model = "o".repeat(100_000);
+
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth("gw-search")
+        .json(&json!({"model": model, "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 403);
+    let error: Value = response.json().await.expect("JSON error");
+    let message = error["error"]["message"].as_str().expect("message");
+    assert!(message.len() < 400, "{} bytes", message.len());
+}
