@@ -141,6 +141,12 @@ pub struct UpstreamConfig {
     /// Per attempt, until the response head.
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Sent as `openai-organization` / `openai-project` in place of the caller's.
+    pub organization: Option<String>,
+    pub project: Option<String>,
+    /// Whether the caller's own `openai-organization` / `openai-project` may go
+    /// upstream next to this upstream's `api_key` (they pick who is billed).
+    pub forward_caller_org: bool,
 }
 
 #[derive(Debug, Clone)]

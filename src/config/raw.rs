@@ -181,6 +181,9 @@ pub(crate) struct RawUpstream {
     pub connect_timeout: Spanned<String>,
     pub timeout: Spanned<String>,
     pub ca_file: Option<Spanned<String>>,
+    pub organization: Option<Spanned<String>>,
+    pub project: Option<Spanned<String>>,
+    pub forward_caller_org: bool,
 }
 
 impl Default for RawUpstream {
@@ -194,6 +197,9 @@ impl Default for RawUpstream {
             connect_timeout: builtin("5s"),
             timeout: builtin("120s"),
             ca_file: None,
+            organization: None,
+            project: None,
+            forward_caller_org: false,
         }
     }
 }

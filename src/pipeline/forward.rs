@@ -2,7 +2,8 @@
 //!
 //! It builds the upstream request (URL under the upstream's base, hop-by-hop headers
 //! dropped, `Authorization` replaced by the upstream's `api_key` where one is set, the
-//! caller's gateway key never forwarded in `keys` mode), sends it on the upstream's
+//! caller's gateway key never forwarded in `keys` mode, and next to the operator's key
+//! the caller never picks the billed organization or project), sends it on the upstream's
 //! pooled client within the per-attempt timeout, and relays the response as it
 //! arrives: the body is never buffered, and it stops at the request deadline. Protocol
 //! upgrades (WebSocket) are spliced both ways. Dropping the response body (the client
@@ -106,6 +107,8 @@ fn upstream_request(
         headers.remove(header::AUTHORIZATION);
         headers.remove("api-key");
     }
+    let callers_own_key = upstream.authorization.is_none() && request.caller.forwards_own_key;
+    upstream.billing.apply(&mut headers, callers_own_key);
 
     let body = match &mut request.body {
         RequestBody::Buffered(bytes) => {

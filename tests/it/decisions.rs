@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
     gateway::{TestGateway, config_for, http},
-    upstream::MockUpstream,
+    upstream::{MockHandle, MockUpstream},
 };
 
 const RESTRICTED_KEY: &str = r#"
@@ -145,4 +145,66 @@ async fn a_huge_model_name_is_not_echoed_whole() {
     let error: Value = response.json().await.expect("JSON error");
     let message = error["error"]["message"].as_str().expect("message");
     assert!(message.len() < 400, "{} bytes", message.len());
+}
+
+/// Sends a chat completion through `gateway` as `key`, naming an organization and a
+/// project, and returns the ones the upstream received.
+async fn billed_as(
+    gateway: &TestGateway,
+    upstream: &MockHandle,
+    key: &str,
+) -> (Option<String>, Option<String>) {
+    let response = http()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("openai-organization", "org-tenant")
+        .header("openai-project", "proj_tenant")
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 200);
+    let seen = upstream.last_request();
+    (seen.header("openai-organization").map(str::to_owned), seen.header("openai-project").map(str::to_owned))
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_choose_who_pays_for_the_operators_key() {
+    let upstream = MockUpstream::new().start().await;
+    let base = upstream.base_url();
+    let keys = r#"
+[auth]
+mode = "keys"
+
+[[keys]]
+id = "search"
+key = "gw-search"
+"#;
+    let with_key = |extra: &str| {
+        format!(
+            "{keys}\n[[upstreams]]\nname = \"op\"\nbase_url = \"{base}\"\napi_key = \"sk-operator\"\n{extra}"
+        )
+    };
+    let config = |upstream_table: String| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[cache]\nenabled = false\n{upstream_table}"
+        )
+    };
+
+    let dropped = TestGateway::start(&config(with_key(""))).await;
+    assert_eq!(billed_as(&dropped, &upstream, "gw-search").await, (None, None));
+
+    let own =
+        TestGateway::start(&config(with_key("organization = \"org-operator\"\nproject = \"proj_operator\"")))
+            .await;
+    let expected = (Some("org-operator".to_owned()), Some("proj_operator".to_owned()));
+    assert_eq!(billed_as(&own, &upstream, "gw-search").await, expected);
+
+    let allowed = TestGateway::start(&config(with_key("forward_caller_org = true"))).await;
+    let expected = (Some("org-tenant".to_owned()), Some("proj_tenant".to_owned()));
+    assert_eq!(billed_as(&allowed, &upstream, "gw-search").await, expected);
+
+    // Passthrough: the caller's own key goes upstream, and so does its choice.
+    let passthrough = TestGateway::start(&config_for(&base, "")).await;
+    assert_eq!(billed_as(&passthrough, &upstream, "sk-caller").await, expected);
 }
