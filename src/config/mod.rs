@@ -67,6 +67,9 @@ pub struct ServerConfig {
     pub max_connections: NonZeroU32,
     /// A connection with no request in flight for this long is closed (HTTP/2 too).
     pub idle_timeout: Duration,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` / `Forwarded` entries
+    /// are believed (counted from the right); the rest of what a client wrote is dropped.
+    pub trusted_proxy_hops: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,6 +76,7 @@ pub(crate) struct RawServer {
     pub max_header_size: Spanned<String>,
     pub max_connections: Spanned<i64>,
     pub idle_timeout: Spanned<String>,
+    pub trusted_proxy_hops: Spanned<i64>,
 }
 
 impl Default for RawServer {
@@ -91,6 +92,7 @@ impl Default for RawServer {
             max_header_size: builtin("64KiB"),
             max_connections: builtin(10_000),
             idle_timeout: builtin("3m"),
+            trusted_proxy_hops: builtin(0),
         }
     }
 }

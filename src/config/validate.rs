@@ -18,6 +18,9 @@ use std::{
     time::Duration,
 };
 
+/// More proxies than this in front of one gateway is a mistake, not a topology.
+const MAX_PROXY_HOPS: u32 = 16;
+
 use globset::{GlobBuilder, GlobSetBuilder};
 use http::StatusCode;
 use toml::Spanned;
@@ -232,7 +235,14 @@ impl Checker<'_> {
         let max_header_size = self.size("max_header_size", &raw.max_header_size);
         let max_connections = self.count("max_connections", &raw.max_connections);
         let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false);
+        let hops = &raw.trusted_proxy_hops;
+        let trusted_proxy_hops =
+            match u32::try_from(*hops.get_ref()).ok().filter(|hops| *hops <= MAX_PROXY_HOPS) {
+                Some(hops) => Some(hops),
+                None => self.fail(hops, format!("`trusted_proxy_hops` must be 0 to {MAX_PROXY_HOPS}"), ""),
+            };
         Some(ServerConfig {
+            trusted_proxy_hops: trusted_proxy_hops?,
             header_read_timeout: header_read_timeout?,
             max_header_size: max_header_size?,
             max_connections: max_connections?,

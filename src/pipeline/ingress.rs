@@ -2,7 +2,8 @@
 //! error response.
 //!
 //! The steps are plain functions run in order: put the path in its normal form (or
-//! refuse a spelling an upstream could read differently), authenticate,
+//! refuse a spelling an upstream could read differently), say who the client is in
+//! the forwarding headers, authenticate,
 //! read the body (whole for JSON, up to `max_request_body`; streamed otherwise), parse
 //! the fields the gateway needs, authorize the model, and choose candidate upstreams.
 //! Every later stage can rely on what this one established. Errors from here and from
@@ -29,7 +30,10 @@ use crate::{
     error::{BoxError, GatewayError},
     openai::{CallSummary, ModelEndpoint},
     runtime::Runtime,
-    upstream::path,
+    upstream::{
+        forwarded::{self, ClientAddr},
+        path,
+    },
 };
 
 #[derive(Clone)]
@@ -103,6 +107,8 @@ async fn proxy_request(
         http::Method::POST => ModelEndpoint::of(path),
         _ => None,
     };
+    let peer = head.extensions.get::<ClientAddr>().map(|ClientAddr(peer)| peer.ip());
+    forwarded::rewrite(&mut head.headers, peer, runtime.config.server.trusted_proxy_hops);
     let caller = auth::authenticate(&head.headers, runtime.config.auth, &runtime.keys)?;
     exchange.key = Some(caller.id.clone());
 

@@ -29,7 +29,10 @@ use tokio::{
 use tower::ServiceExt;
 
 use super::Live;
-use crate::pipeline::{GatewayResponse, forward::UpgradeHold};
+use crate::{
+    pipeline::{GatewayResponse, forward::UpgradeHold},
+    upstream::forwarded::ClientAddr,
+};
 
 /// Serves `io` until the client closes it, `stop` turns true (then drains it), or it
 /// idles for `idle_timeout`. `slot` (its place under `max_connections`) is held until
@@ -50,6 +53,7 @@ pub(super) async fn serve<I>(
     let slot = UpgradeHold(Arc::new(slot));
     let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         let guard = InFlight::begin(in_flight.clone());
+        request.extensions_mut().insert(ClientAddr(peer));
         if request.headers().contains_key(http::header::UPGRADE) {
             request.extensions_mut().insert(slot.clone());
         }

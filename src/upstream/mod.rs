@@ -14,6 +14,7 @@ use crate::{
 };
 
 pub mod client;
+pub mod forwarded;
 pub mod headers;
 pub mod health;
 pub mod path;

@@ -208,3 +208,35 @@ key = "gw-search"
     let passthrough = TestGateway::start(&config_for(&base, "")).await;
     assert_eq!(billed_as(&passthrough, &upstream, "sk-caller").await, expected);
 }
+
+#[tokio::test]
+async fn the_upstream_learns_the_peer_address_not_what_the_client_wrote() {
+    let upstream = MockUpstream::new().start().await;
+    let send = |gateway: &TestGateway| {
+        http()
+            .get(gateway.url("/v1/models"))
+            .bearer_auth("sk-caller")
+            .header("x-forwarded-for", "6.6.6.6, 1.2.3.4")
+            .header("forwarded", "for=6.6.6.6, for=1.2.3.4")
+            .header("x-real-ip", "6.6.6.6")
+            .send()
+    };
+
+    let direct = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+    assert_eq!(send(&direct).await.expect("answer").status(), 200);
+    let seen = upstream.last_request();
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!((seen.header("forwarded"), seen.header("x-real-ip")), (None, None));
+
+    let behind_one = TestGateway::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\ntrusted_proxy_hops = 1\n\n\
+         [[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    ))
+    .await;
+    assert_eq!(send(&behind_one).await.expect("answer").status(), 200);
+    let seen = upstream.last_request();
+    assert_eq!(seen.header("x-forwarded-for"), Some("1.2.3.4, 127.0.0.1"));
+    assert_eq!(seen.header("forwarded"), Some("for=1.2.3.4, for=127.0.0.1"));
+    assert_eq!(seen.header("x-real-ip"), Some("6.6.6.6"));
+}
