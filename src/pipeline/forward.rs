@@ -96,6 +96,7 @@ fn upstream_request(
     let mut headers = head.headers.clone();
     let upgrade = headers::is_upgrade(&headers);
     headers::strip_hop_by_hop(&mut headers, upgrade);
+    headers::strip_method_overrides(&mut headers);
     headers.remove(header::HOST);
     // The client's `100-continue` was answered when its body was read (or is answered
     // as it streams); the upstream gets the body without waiting.

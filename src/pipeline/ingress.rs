@@ -162,16 +162,15 @@ async fn proxy_request(
 }
 
 /// Whether the body is JSON to read whole: a JSON content type anywhere, and any body
-/// but a multipart one to a model endpoint (so a key's model list cannot be
-/// sidestepped with another content type, and `curl -d` works). Multipart and binary
-/// bodies elsewhere stream through.
+/// to a model endpoint whatever its content type (none of them takes another, and an
+/// upstream may parse it as JSON all the same: a key's model list cannot be sidestepped
+/// with another content type, and `curl -d` works). Other bodies (multipart uploads,
+/// binary) stream through.
 fn is_json(head: &http::request::Parts, endpoint: Option<ModelEndpoint>) -> bool {
     let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
     let essence =
         content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json"
-        || essence.ends_with("+json")
-        || (endpoint.is_some() && !essence.starts_with("multipart/"))
+    endpoint.is_some() || essence == "application/json" || essence.ends_with("+json")
 }
 
 /// The request's URI with its path in the one normal form that every later decision

@@ -240,3 +240,41 @@ async fn the_upstream_learns_the_peer_address_not_what_the_client_wrote() {
     assert_eq!(seen.header("forwarded"), Some("for=1.2.3.4, for=127.0.0.1"));
     assert_eq!(seen.header("x-real-ip"), Some("6.6.6.6"));
 }
+
+#[tokio::test]
+async fn no_content_type_or_method_override_makes_a_model_call_unread() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), RESTRICTED_KEY)).await;
+    let forbidden = r#"{"model":"o3","messages":[]}"#;
+
+    for content_type in ["multipart/form-data; boundary=x", "application/octet-stream", "text/plain"] {
+        let response = http()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth("gw-search")
+            .header("content-type", content_type)
+            .body(forbidden)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(response.status(), 403, "{content_type}");
+    }
+    assert_eq!(upstream.calls(), 0);
+
+    // A GET is not read as a model call, so it must not become one upstream.
+    let response = http()
+        .get(gateway.url("/v1/chat/completions"))
+        .bearer_auth("gw-search")
+        .header("x-http-method-override", "POST")
+        .header("x-http-method", "POST")
+        .header("x-method-override", "POST")
+        .send()
+        .await
+        .expect("answer");
+    assert_ne!(response.status(), 403, "a GET carries no model to refuse");
+    assert_eq!(upstream.calls(), 1);
+    let seen = upstream.last_request();
+    assert_eq!(seen.method, "GET");
+    for name in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        assert_eq!(seen.header(name), None, "{name}");
+    }
+}
