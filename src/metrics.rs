@@ -21,6 +21,7 @@ pub const CACHE_LOOKUPS: &str = "spillway_cache_lookups_total";
 pub const TOKENS: &str = "spillway_tokens_total";
 pub const BUILD_INFO: &str = "spillway_build_info";
 pub const RELOADS: &str = "spillway_config_reloads_total";
+pub const RUNTIME_TASKS: &str = "spillway_runtime_tasks";
 
 /// Installs the process-wide Prometheus recorder, once. `None` if one was installed
 /// already (an embedding process, or tests starting several gateways).
@@ -56,6 +57,13 @@ pub fn response_head(overhead: Duration, upstream_wait: Option<Duration>) {
     if let Some(wait) = upstream_wait {
         metrics::histogram!(UPSTREAM_FIRST_BYTE).record(wait.as_secs_f64());
     }
+}
+
+/// Tasks alive in the async runtime (connections, streams, background work): read at
+/// scrape time, so a leak of tasks shows as a line that keeps climbing.
+pub fn runtime_tasks() {
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    metrics::gauge!(RUNTIME_TASKS).set(tasks as f64);
 }
 
 /// Counts a request in flight until dropped.

@@ -278,3 +278,20 @@ async fn no_content_type_or_method_override_makes_a_model_call_unread() {
         assert_eq!(seen.header(name), None, "{name}");
     }
 }
+
+#[tokio::test]
+async fn a_body_that_names_two_models_is_refused() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), RESTRICTED_KEY)).await;
+
+    // Most upstreams read the last `model`; the gateway must not check the first.
+    for body in [
+        r#"{"model":"gpt-4o-mini","model":"o3","messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","mod\u0065l":"o3","messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","stream":false,"stream":true,"messages":[]}"#,
+    ] {
+        let (status, error) = raw(&gateway, "POST", "/v1/chat/completions", "gw-search", body).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(error["error"]["code"], "invalid_json", "{body}");
+    }
+}
