@@ -242,7 +242,7 @@ impl Tap for LogOnEnd {
         let line = &self.line;
         let upstream = line.upstream.as_ref().map_or("-", |outcome| outcome.upstream.as_str());
         let duration = line.started.map(|started| started.elapsed()).unwrap_or_default();
-        let model = line.exchange.model.as_deref().unwrap_or("-");
+        let model = line.exchange.model.as_deref().unwrap_or_default();
         metrics::request(line.exchange.key.as_ref(), model, upstream, line.status, duration);
     }
 }
