@@ -6,7 +6,7 @@
 //! [`UpstreamOutcome`], [`Failure`]), adds `x-request-id` and `server-timing`, and
 //! wraps the body so the log line is written when the body ends or the client goes
 //! away: streams are logged with their real duration. Text the client chose (method,
-//! path, model, and error details that quote them) is cut to [`MAX_LOGGED_LEN`] bytes.
+//! path, model, and error details that quote them) is cut to `MAX_LOGGED_LEN` bytes.
 
 use std::{
     borrow::Cow,
@@ -39,7 +39,7 @@ const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// Client-sent ids longer than this are replaced, so logs stay bounded.
 const MAX_REQUEST_ID_LEN: usize = 200;
 /// Longer client-chosen text is cut in the access line, so logs stay bounded.
-pub const MAX_LOGGED_LEN: usize = 512;
+const MAX_LOGGED_LEN: usize = 512;
 
 /// Who asked for what, recorded by ingress.
 #[derive(Debug, Clone, Default)]
