@@ -35,17 +35,15 @@ use super::{
 
 pub use entries::parse_base_url;
 
-// The largest value each duration and size setting takes (README, "Bounds"): far
-// beyond any sensible deployment, and far below where arithmetic on them overflows.
-/// `[redis] timeout`: one call to Redis, which a request may wait on.
-const MAX_REDIS_TIMEOUT: Duration = Duration::from_secs(60);
-/// Connection timeouts (`header_read_timeout`, `idle_timeout`, upstream
-/// `connect_timeout`) and retry delays (`base_delay`, `max_delay`).
-const MAX_SHORT: Duration = Duration::from_secs(24 * 3600);
-/// A whole request (`request_timeout`, upstream `timeout`) and a drain (`shutdown_grace`).
-const MAX_REQUEST: Duration = Duration::from_secs(7 * 24 * 3600);
-/// `[cache] ttl`.
-const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+// The largest value of each duration and size setting (README, "Bounds"): far beyond
+// any sensible deployment, and far below where arithmetic on them overflows. Durations:
+// `redis.timeout` (one call a request may wait on) a minute; connection timeouts and
+// retry delays a day; a whole request, an upstream attempt and a drain a week; the
+// cache's ttl 365 days (humantime's "1y" is 365.25 days).
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 /// `max_header_size`: a request head (HTTP/1.1 buffer, HTTP/2 header list).
 const MAX_HEADER_SIZE: ByteSize = ByteSize(1 << 20);
 /// `max_request_body`: a JSON body is held in memory whole.
@@ -253,8 +251,8 @@ impl Checker<'_> {
             );
         }
         let max_request_body = self.size("max_request_body", &raw.max_request_body, MAX_REQUEST_BODY);
-        let request_timeout = self.duration("request_timeout", &raw.request_timeout, false, MAX_REQUEST);
-        let shutdown_grace = self.duration("shutdown_grace", &raw.shutdown_grace, true, MAX_REQUEST);
+        let request_timeout = self.duration("request_timeout", &raw.request_timeout, false, WEEK);
+        let shutdown_grace = self.duration("shutdown_grace", &raw.shutdown_grace, true, WEEK);
         let tls = match &raw.tls {
             None => Some(None),
             Some(tls) => match (&tls.get_ref().cert, &tls.get_ref().key) {
@@ -265,11 +263,10 @@ impl Checker<'_> {
                 _ => self.fail(tls, "server.tls needs both `cert` and `key`", ""),
             },
         };
-        let header_read_timeout =
-            self.duration("header_read_timeout", &raw.header_read_timeout, false, MAX_SHORT);
+        let header_read_timeout = self.duration("header_read_timeout", &raw.header_read_timeout, false, DAY);
         let max_header_size = self.size("max_header_size", &raw.max_header_size, MAX_HEADER_SIZE);
         let max_connections = self.count("max_connections", &raw.max_connections);
-        let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false, MAX_SHORT);
+        let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false, DAY);
         Some(ServerConfig {
             header_read_timeout: header_read_timeout?,
             max_header_size: max_header_size?,
@@ -362,8 +359,8 @@ impl Checker<'_> {
 
     fn retry(&mut self, raw: &RawRetry) -> Option<RetryConfig> {
         let max_attempts = self.count("max_attempts", &raw.max_attempts);
-        let base_delay = self.duration("base_delay", &raw.base_delay, true, MAX_SHORT);
-        let max_delay = self.duration("max_delay", &raw.max_delay, true, MAX_SHORT);
+        let base_delay = self.duration("base_delay", &raw.base_delay, true, DAY);
+        let max_delay = self.duration("max_delay", &raw.max_delay, true, DAY);
         if let (Some(base), Some(max)) = (base_delay, max_delay)
             && base > max
         {
@@ -408,7 +405,7 @@ impl Checker<'_> {
 
     fn cache(&mut self, raw: &RawCache) -> Option<CacheConfig> {
         let max_size = self.size("max_size", &raw.max_size, MAX_CACHE_SIZE);
-        let ttl = self.duration("ttl", &raw.ttl, false, MAX_TTL);
+        let ttl = self.duration("ttl", &raw.ttl, false, YEAR);
         let scope = self.choice("cache.scope", &raw.scope, &["key", "global"]).map(|scope| match scope {
             "global" => CacheScope::Global,
             _ => CacheScope::Key,
@@ -432,7 +429,7 @@ impl Checker<'_> {
 
     /// `None` inside when no `url` is set: no Redis.
     fn redis(&mut self, raw: &RawRedis) -> Option<Option<RedisConfig>> {
-        let timeout = self.duration("redis timeout", &raw.timeout, false, MAX_REDIS_TIMEOUT);
+        let timeout = self.duration("redis timeout", &raw.timeout, false, MINUTE);
         let Some(url) = &raw.url else { return Some(None) };
         let text = url.get_ref().0.expose();
         let rest = text.strip_prefix("redis://").or_else(|| text.strip_prefix("rediss://"));

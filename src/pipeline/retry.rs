@@ -122,7 +122,7 @@ async fn attempts(
                 Attempt::Failed { error, .. } => Err(error),
             };
         }
-        tracing::debug!(upstream = %upstream.name, attempt, outcome, wait = ?wait, "retrying");
+        tracing::debug!(upstream = %upstream.name, attempt, outcome, wait_ms = wait.as_millis() as u64, "retrying");
         failed = Some(upstream.name.clone());
         drop(result);
         tokio::time::sleep(wait).await;
