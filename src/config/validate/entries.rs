@@ -144,8 +144,8 @@ impl Checker<'_> {
         };
         let models = self.globs("models", &upstream.models);
         let weight = self.count("weight", &upstream.weight);
-        let connect_timeout = self.duration("connect_timeout", &upstream.connect_timeout, false);
-        let timeout = self.duration("timeout", &upstream.timeout, false);
+        let connect_timeout = self.duration("connect_timeout", &upstream.connect_timeout, false, super::DAY);
+        let timeout = self.duration("timeout", &upstream.timeout, false, super::WEEK);
         let ca_file = match &upstream.ca_file {
             None => Some(None),
             Some(path) => self.file("ca_file", path).map(Some),
