@@ -35,6 +35,10 @@ pub enum GatewayError {
     ClientBody(String),
     #[error("request body exceeds the limit of {limit}")]
     RequestTooLarge { limit: ByteSize },
+    #[error("request body stopped arriving: nothing for {after:?} (server.body_read_timeout)")]
+    BodyStalled { after: std::time::Duration },
+    #[error("request body still arriving at the request deadline (server.request_timeout)")]
+    BodyPastDeadline,
     #[error("rate limit reached for {limit} on key `{key}`; retry after {}", crate::pipeline::admit::format_reset(*retry_after))]
     RateLimited { key: KeyId, limit: LimitKind, retry_after: std::time::Duration, snapshot: RateSnapshot },
     #[error(
@@ -60,6 +64,7 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyStalled { .. } | Self::BodyPastDeadline => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited { .. } | Self::NeverFits { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => StatusCode::GATEWAY_TIMEOUT,
@@ -77,6 +82,7 @@ impl GatewayError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_url",
             Self::RequestTooLarge { .. } => "request_too_large",
+            Self::BodyStalled { .. } | Self::BodyPastDeadline => "request_timeout",
             Self::RateLimited { .. } | Self::NeverFits { .. } => "rate_limit_exceeded",
             Self::UpstreamUnreachable { .. } => "upstream_error",
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => "upstream_timeout",
@@ -91,7 +97,9 @@ impl GatewayError {
             | Self::ClientBody(_)
             | Self::ModelNotFound(_)
             | Self::UnknownPath(_)
-            | Self::RequestTooLarge { .. } => "invalid_request_error",
+            | Self::RequestTooLarge { .. }
+            | Self::BodyStalled { .. }
+            | Self::BodyPastDeadline => "invalid_request_error",
             Self::MissingApiKey | Self::UnknownApiKey => "authentication_error",
             Self::RateLimited { limit, .. } => limit.as_str(),
             Self::NeverFits { .. } => LimitKind::Tokens.as_str(),

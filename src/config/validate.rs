@@ -229,11 +229,13 @@ impl Checker<'_> {
             },
         };
         let header_read_timeout = self.duration("header_read_timeout", &raw.header_read_timeout, false);
+        let body_read_timeout = self.duration("body_read_timeout", &raw.body_read_timeout, false);
         let max_header_size = self.size("max_header_size", &raw.max_header_size);
         let max_connections = self.count("max_connections", &raw.max_connections);
         let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false);
         Some(ServerConfig {
             header_read_timeout: header_read_timeout?,
+            body_read_timeout: body_read_timeout?,
             max_header_size: max_header_size?,
             max_connections: max_connections?,
             idle_timeout: idle_timeout?,

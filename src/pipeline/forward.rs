@@ -13,6 +13,10 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -47,10 +51,15 @@ pub enum Attempt {
 /// (and the request deadline), relay. A protocol upgrade is spliced on the attempt
 /// that gets the 101.
 pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt {
-    let outgoing = match upstream_request(upstream, request) {
+    let mut outgoing = match upstream_request(upstream, request) {
         Ok(outgoing) => outgoing,
         Err(error) => return Attempt::Failed { retryable: false, error },
     };
+    let held_up_by_client = Arc::new(AtomicBool::new(false));
+    if matches!(request.body, RequestBody::Streaming(_)) {
+        let waiting = held_up_by_client.clone();
+        outgoing = outgoing.map(|body| Upload { body, held_up_by_client: waiting }.boxed_unsync());
+    }
     let attempt_deadline = (Instant::now() + upstream.timeout).min(request.deadline);
     let client = match headers::is_upgrade(outgoing.headers()) {
         true => &upstream.clients.http1,
@@ -65,7 +74,11 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
             return Attempt::Failed { retryable, error };
         }
         Err(_) if attempt_deadline == request.deadline => {
-            return Attempt::Failed { retryable: false, error: GatewayError::DeadlineReached };
+            let error = match held_up_by_client.load(Ordering::Relaxed) {
+                true => GatewayError::BodyPastDeadline,
+                false => GatewayError::DeadlineReached,
+            };
+            return Attempt::Failed { retryable: false, error };
         }
         Err(_) => {
             let error =
@@ -129,19 +142,30 @@ fn upstream_request(
     Ok(outgoing)
 }
 
-/// A failed send as the caller sees it: a streamed body over the limit is the
-/// caller's 413 (ingress put that error in the body), anything else the upstream's 502.
+/// A failed send as the caller sees it: an error of the caller's body (over the limit,
+/// stalled: ingress put it in the body) is the caller's, anything else the upstream's
+/// 502.
 fn transport_error(upstream: &Upstream, error: hyper_util::client::legacy::Error) -> GatewayError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     let mut reasons = Vec::new();
     while let Some(error) = source {
-        if let Some(GatewayError::RequestTooLarge { limit }) = error.downcast_ref() {
-            return GatewayError::RequestTooLarge { limit: *limit };
+        if let Some(client) = error.downcast_ref::<GatewayError>().and_then(client_body_error) {
+            return client;
         }
         reasons.push(error.to_string());
         source = error.source();
     }
     GatewayError::UpstreamUnreachable { upstream: upstream.name.clone(), reason: reasons.join(": ") }
+}
+
+/// The caller's own error, when its body failed the send.
+fn client_body_error(error: &GatewayError) -> Option<GatewayError> {
+    match error {
+        GatewayError::RequestTooLarge { limit } => Some(GatewayError::RequestTooLarge { limit: *limit }),
+        GatewayError::BodyStalled { after } => Some(GatewayError::BodyStalled { after: *after }),
+        GatewayError::BodyPastDeadline => Some(GatewayError::BodyPastDeadline),
+        _ => None,
+    }
 }
 
 /// The upstream's response on its way to the client: hop-by-hop headers dropped, its
@@ -211,6 +235,41 @@ impl Body for UntilDeadline {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project! {
+    /// A streamed request body on its way upstream that tells whether the client is what
+    /// holds it up (nothing new from it, or its body failed): at the request deadline
+    /// that makes the answer the caller's 408, not the upstream's 504.
+    struct Upload {
+        #[pin]
+        body: UpstreamBody,
+        held_up_by_client: Arc<AtomicBool>,
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        let flowing = matches!(polled, Poll::Ready(Some(Ok(_)) | None));
+        this.held_up_by_client.store(!flowing, Ordering::Relaxed);
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

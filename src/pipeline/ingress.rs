@@ -1,9 +1,10 @@
 //! S1 ingress: turns a raw hyper request into a [`ProxyRequest`], or into a gateway
 //! error response.
 //!
-//! The steps are plain functions run in order: check the path, authenticate,
-//! read the body (whole for JSON, up to `max_request_body`; streamed otherwise), parse
-//! the fields the gateway needs, authorize the model, and choose candidate upstreams.
+//! The steps are plain functions run in order: check the path, authenticate, read the
+//! body (whole for JSON, up to `max_request_body`; streamed otherwise; either way within
+//! the request deadline and `body_read_timeout`), parse the fields the gateway needs,
+//! authorize the model, and choose candidate upstreams.
 //! Every later stage can rely on what this one established. Errors from here and from
 //! every stage below are turned into responses by `respond`, here, so the stack above
 //! is infallible.
@@ -14,12 +15,16 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
+use bytes::Bytes;
 use http::{Request, header};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, observe::Exchange, respond};
@@ -28,6 +33,7 @@ use crate::{
     error::{BoxError, GatewayError},
     openai::CallSummary,
     runtime::Runtime,
+    upstream::UpstreamBody,
 };
 
 /// Endpoints whose body is JSON even when the client sends no `content-type`.
@@ -116,6 +122,7 @@ async fn proxy_request(
     if declared_length(&head.headers).is_some_and(|length| length > limit.0) {
         return Err(GatewayError::RequestTooLarge { limit });
     }
+    let body = ClientBody::new(body, runtime.config.server.body_read_timeout, deadline);
     let mut strip_usage = false;
     let (body, call) = if is_json(&head) {
         let mut bytes = read_whole(body, limit).await?;
@@ -134,13 +141,7 @@ async fn proxy_request(
         }
         (RequestBody::Buffered(bytes), call)
     } else {
-        let streamed = Limited::new(body, limit.as_usize())
-            .map_err(move |error| match error.is::<LengthLimitError>() {
-                true => BoxError::from(GatewayError::RequestTooLarge { limit }),
-                false => error,
-            })
-            .boxed_unsync();
-        (RequestBody::Streaming(Some(streamed)), CallSummary::default())
+        (RequestBody::Streaming(Some(stream_through(body, limit))), CallSummary::default())
     };
     exchange.model = call.model.clone();
 
@@ -184,12 +185,86 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// Reads a body whole, refusing it as soon as it passes `limit` (the rest is never
-/// read into memory).
-async fn read_whole(body: Incoming, limit: crate::config::ByteSize) -> Result<bytes::Bytes, GatewayError> {
-    let max = limit.as_usize();
-    match Limited::new(body, max).collect().await {
+/// read into memory) or stops arriving in time.
+async fn read_whole(body: ClientBody, limit: crate::config::ByteSize) -> Result<Bytes, GatewayError> {
+    match Limited::new(body, limit.as_usize()).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(GatewayError::RequestTooLarge { limit }),
-        Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+        Err(error) => match error.downcast::<GatewayError>() {
+            Ok(gateway) => Err(*gateway),
+            Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+        },
+    }
+}
+
+/// A body to stream upstream as it arrives, cut off past `limit`; when it fails (too
+/// large, too slow) the upstream attempt fails with the caller's error inside.
+fn stream_through(body: ClientBody, limit: crate::config::ByteSize) -> UpstreamBody {
+    Limited::new(body, limit.as_usize())
+        .map_err(move |error| match error.is::<LengthLimitError>() {
+            true => BoxError::from(GatewayError::RequestTooLarge { limit }),
+            false => error,
+        })
+        .boxed_unsync()
+}
+
+pin_project! {
+    /// The client's request body, held to the request deadline and to
+    /// `server.body_read_timeout` between two pieces of it: past either it fails with
+    /// a 408 error, so a body that stops arriving cannot keep its connection.
+    struct ClientBody {
+        #[pin]
+        body: Incoming,
+        gap: Duration,
+        // Whether the last poll found nothing, so `stall` runs from that first wait.
+        waiting: bool,
+        #[pin]
+        stall: Sleep,
+        #[pin]
+        deadline: Sleep,
+    }
+}
+
+impl ClientBody {
+    fn new(body: Incoming, gap: Duration, deadline: Instant) -> Self {
+        let stall = tokio::time::sleep_until(deadline);
+        Self { body, gap, waiting: false, stall, deadline: tokio::time::sleep_until(deadline) }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            *this.waiting = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)));
+        }
+        if !*this.waiting {
+            *this.waiting = true;
+            if let Some(until) = Instant::now().checked_add(*this.gap) {
+                this.stall.as_mut().reset(until);
+            }
+        }
+        if this.deadline.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(GatewayError::BodyPastDeadline.into())));
+        }
+        if this.stall.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(GatewayError::BodyStalled { after: *this.gap }.into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

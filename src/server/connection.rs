@@ -7,6 +7,8 @@
 //! with a GOAWAY. HTTP/1.1 keep-alive connections are also bounded by hyper's
 //! `header_read_timeout`, which runs while they wait for their next request. Closing
 //! for either reason is hyper's graceful shutdown: requests in flight finish first.
+//!
+//! A 408 (the request body stopped arriving) closes an HTTP/1.1 connection.
 
 use std::{
     convert::Infallible,
@@ -17,6 +19,7 @@ use std::{
     time::Duration,
 };
 
+use http::{HeaderValue, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -50,12 +53,18 @@ pub(super) async fn serve<I>(
     let slot = UpgradeHold(Arc::new(slot));
     let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         let guard = InFlight::begin(in_flight.clone());
-        if request.headers().contains_key(http::header::UPGRADE) {
+        if request.headers().contains_key(header::UPGRADE) {
             request.extensions_mut().insert(slot.clone());
         }
+        let http1 = request.version() < Version::HTTP_2;
         let stack = live.stack();
         async move {
-            let response: GatewayResponse = stack.oneshot(request).await?;
+            let mut response: GatewayResponse = stack.oneshot(request).await?;
+            if http1 && response.status() == StatusCode::REQUEST_TIMEOUT {
+                // The gateway's 408 left the rest of the body unread, so nothing after it
+                // can be; and any 408 means the server gave up on the connection (RFC 9110).
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(response.map(|body| Held { body, _guard: guard }))
         }
     });
