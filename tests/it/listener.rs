@@ -225,3 +225,20 @@ async fn a_body_still_arriving_at_the_request_deadline_is_408() {
         assert!(started.elapsed() >= Duration::from_millis(550), "cut before request_timeout");
     }
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&server("header_read_timeout = \"300ms\"", &upstream.base_url())).await;
+
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(gateway.addr).await.expect("connect");
+    read_until_closed(&mut silent).await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_read_timeout");
+
+    // h2c: a preface and settings, but no request.
+    let started = tokio::time::Instant::now();
+    let (_sender, closed) = h2_connection(gateway.addr).await;
+    tokio::time::timeout(Duration::from_secs(10), closed).await.expect("h2c closed").expect("task");
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_read_timeout");
+}
