@@ -39,6 +39,10 @@ pub enum GatewayError {
     BodyStalled { after: std::time::Duration },
     #[error("request body still arriving at the request deadline (server.request_timeout)")]
     BodyPastDeadline,
+    #[error("method {0} is not allowed: spillway does not forward CONNECT or TRACE")]
+    MethodNotAllowed(http::Method),
+    #[error("malformed request: {0}")]
+    MalformedRequest(&'static str),
     #[error("rate limit reached for {limit} on key `{key}`; retry after {}", crate::pipeline::admit::format_reset(*retry_after))]
     RateLimited { key: KeyId, limit: LimitKind, retry_after: std::time::Duration, snapshot: RateSnapshot },
     #[error(
@@ -59,12 +63,13 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::ClientBody(_) | Self::MalformedRequest(_) => StatusCode::BAD_REQUEST,
             Self::MissingApiKey | Self::UnknownApiKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyStalled { .. } | Self::BodyPastDeadline => StatusCode::REQUEST_TIMEOUT,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited { .. } | Self::NeverFits { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => StatusCode::GATEWAY_TIMEOUT,
@@ -83,6 +88,8 @@ impl GatewayError {
             Self::UnknownPath(_) => "unknown_url",
             Self::RequestTooLarge { .. } => "request_too_large",
             Self::BodyStalled { .. } | Self::BodyPastDeadline => "request_timeout",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::MalformedRequest(_) => "invalid_request",
             Self::RateLimited { .. } | Self::NeverFits { .. } => "rate_limit_exceeded",
             Self::UpstreamUnreachable { .. } => "upstream_error",
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => "upstream_timeout",
@@ -99,7 +106,9 @@ impl GatewayError {
             | Self::UnknownPath(_)
             | Self::RequestTooLarge { .. }
             | Self::BodyStalled { .. }
-            | Self::BodyPastDeadline => "invalid_request_error",
+            | Self::BodyPastDeadline
+            | Self::MethodNotAllowed(_)
+            | Self::MalformedRequest(_) => "invalid_request_error",
             Self::MissingApiKey | Self::UnknownApiKey => "authentication_error",
             Self::RateLimited { limit, .. } => limit.as_str(),
             Self::NeverFits { .. } => LimitKind::Tokens.as_str(),

@@ -1,10 +1,11 @@
 //! S1 ingress: turns a raw hyper request into a [`ProxyRequest`], or into a gateway
 //! error response.
 //!
-//! The steps are plain functions run in order: check the path, authenticate, read the
-//! body (whole for JSON, up to `max_request_body`; streamed otherwise; either way within
-//! the request deadline and `body_read_timeout`), parse the fields the gateway needs,
-//! authorize the model, and choose candidate upstreams.
+//! The steps are plain functions run in order: check the request's shape (method,
+//! framing, `host`), check the path, authenticate, read the body (whole for JSON, up to
+//! `max_request_body`; streamed otherwise; either way within the request deadline and
+//! `body_read_timeout`), parse the fields the gateway needs, authorize the model, and
+//! choose candidate upstreams.
 //! Every later stage can rely on what this one established. Errors from here and from
 //! every stage below are turned into responses by `respond`, here, so the stack above
 //! is infallible.
@@ -109,6 +110,7 @@ async fn proxy_request(
     request: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<ProxyRequest, GatewayError> {
+    check_shape(&request)?;
     let deadline = Instant::now() + runtime.config.server.request_timeout;
     let (head, body) = request.into_parts();
     let path = head.uri.path();
@@ -183,6 +185,34 @@ fn has_dot_segment(path: &str) -> bool {
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
+
+/// What a request must look like before anything else reads it: not both
+/// `content-length` and `transfer-encoding`, one `host` header at most and on HTTP/1.1
+/// exactly one (400, as nginx answers); no `CONNECT` or `TRACE` (405): the gateway
+/// relays API calls, not tunnels, and never echoes a request with the caller's
+/// credentials in it.
+fn check_shape<B>(request: &Request<B>) -> Result<(), GatewayError> {
+    if request.extensions().get::<ConflictingLength>().is_some() {
+        return Err(GatewayError::MalformedRequest("both content-length and transfer-encoding are set"));
+    }
+    match request.headers().get_all(header::HOST).iter().count() {
+        0 if request.version() == http::Version::HTTP_11 => {
+            return Err(GatewayError::MalformedRequest("an HTTP/1.1 request needs a host header"));
+        }
+        0 | 1 => {}
+        _ => return Err(GatewayError::MalformedRequest("more than one host header")),
+    }
+    if [http::Method::CONNECT, http::Method::TRACE].contains(request.method()) {
+        return Err(GatewayError::MethodNotAllowed(request.method().clone()));
+    }
+    Ok(())
+}
+
+/// Set on a request by the listener when its HTTP/1.1 head had both `content-length`
+/// and `transfer-encoding`: hyper reads such a body as chunked and drops
+/// `content-length`, so only the raw bytes show it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingLength;
 
 /// Reads a body whole, refusing it as soon as it passes `limit` (the rest is never
 /// read into memory) or stops arriving in time.

@@ -11,7 +11,9 @@
 //! accept, for h2c too). Closing when idle is hyper's graceful shutdown: requests in
 //! flight finish first. A connection with no request yet is simply dropped.
 //!
-//! A 408 (the request body stopped arriving) closes an HTTP/1.1 connection.
+//! HTTP/1.1 reads pass through the [`framing`](super::framing) tracker; a request it
+//! found with both `content-length` and `transfer-encoding` is marked for ingress to
+//! refuse. A 408 (the request body stopped arriving) closes an HTTP/1.1 connection.
 
 use std::{
     convert::Infallible,
@@ -35,8 +37,8 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-use super::Live;
-use crate::pipeline::{GatewayResponse, forward::UpgradeHold};
+use super::{Live, framing};
+use crate::pipeline::{GatewayResponse, forward::UpgradeHold, ingress::ConflictingLength};
 
 /// How long a connection may go without a request.
 #[derive(Debug, Clone, Copy)]
@@ -63,11 +65,15 @@ pub(super) async fn serve<I>(
 {
     let (requests, mut changes) = watch::channel(Requests::default());
     let requests = Arc::new(requests);
+    let (io, framing) = framing::Watched::new(io);
     let slot = UpgradeHold(Arc::new(slot));
     let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        let guard = InFlight::begin(requests.clone());
+        let (guard, number) = InFlight::begin(requests.clone());
         if request.headers().contains_key(header::UPGRADE) {
             request.extensions_mut().insert(slot.clone());
+        }
+        if framing.conflicting_length(number) {
+            request.extensions_mut().insert(ConflictingLength);
         }
         let http1 = request.version() < Version::HTTP_2;
         let stack = live.stack();
@@ -125,12 +131,15 @@ struct Requests {
 struct InFlight(Arc<watch::Sender<Requests>>);
 
 impl InFlight {
-    fn begin(requests: Arc<watch::Sender<Requests>>) -> Self {
+    /// Starts request number `n` (from 0) of the connection: returns its guard and `n`.
+    fn begin(requests: Arc<watch::Sender<Requests>>) -> (Self, usize) {
+        let mut number = 0;
         requests.send_modify(|requests| {
+            number = requests.started;
             requests.started += 1;
             requests.in_flight += 1;
         });
-        Self(requests)
+        (Self(requests), number)
     }
 }
 

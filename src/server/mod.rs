@@ -19,6 +19,7 @@ use crate::{config::Overrides, runtime::Runtime};
 
 pub mod admin;
 mod connection;
+mod framing;
 pub mod reload;
 mod tls;
 

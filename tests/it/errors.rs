@@ -323,3 +323,38 @@ async fn a_connect_that_hangs_is_cut_by_connect_timeout() {
     assert!(message.contains("connect error: deadline has elapsed"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn connect_and_trace_are_405_without_reaching_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    let credentials = "authorization: Bearer sk-caller\r\nconnection: close\r\n\r\n";
+    for line in [
+        "CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443",
+        "CONNECT /v1/chat/completions HTTP/1.1\r\nhost: x",
+        "TRACE /v1/models HTTP/1.1\r\nhost: x",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.expect("connect");
+        stream.write_all(format!("{line}\r\n{credentials}").as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await;
+        assert!(read.is_ok(), "{line}: the connection stayed open");
+
+        assert!(answer.starts_with("HTTP/1.1 405"), "{line}: {answer}");
+        assert!(answer.contains("allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"), "{answer}");
+        assert!(answer.contains(r#""code":"method_not_allowed""#), "{answer}");
+    }
+
+    // And over HTTP/2 (reqwest speaks h2c with prior knowledge).
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    let trace = h2
+        .request(reqwest::Method::TRACE, gateway.url("/v1/models"))
+        .bearer_auth("sk-caller")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(gateway_error(trace).await.1, "method_not_allowed");
+}

@@ -242,3 +242,51 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
     tokio::time::timeout(Duration::from_secs(10), closed).await.expect("h2c closed").expect("task");
     assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_read_timeout");
 }
+
+/// Sends `request` on a new connection and returns all the gateway sent until it closed.
+async fn exchange(gateway: &TestGateway, request: &str) -> String {
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    read_until_closed(&mut stream).await
+}
+
+#[tokio::test]
+async fn ambiguous_lengths_and_host_headers_are_400() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&server("", &upstream.base_url())).await;
+    let chat = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\
+        content-type: application/json\r\n";
+    let models = "GET /v1/models HTTP/1.1\r\nauthorization: Bearer sk-caller\r\nconnection: close\r\n";
+
+    // No `connection: close` on these: the gateway closes by itself.
+    let both = format!("{chat}content-length: 40\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n");
+    let both_reversed = format!("{chat}transfer-encoding: chunked\r\ncontent-length: 40\r\n\r\n0\r\n\r\n");
+    let no_host = format!("{models}\r\n");
+    let two_hosts = format!("{models}host: a\r\nhost: b\r\n\r\n");
+    for request in [&both, &both_reversed, &no_host, &two_hosts] {
+        let answer = exchange(&gateway, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{request}\n=> {answer}");
+        assert!(answer.contains(r#""code":"invalid_request""#), "{answer}");
+    }
+    assert_eq!(upstream.calls(), 0);
+
+    // Behind a good request on the same connection, and after a chunked body that
+    // looks like a head with both headers.
+    let good = "GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\r\n";
+    let fake = "GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+    let upload = format!(
+        "POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\
+        content-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+        {:x}\r\n{fake}\r\n0\r\n\r\n",
+        fake.len()
+    );
+    let answer = exchange(&gateway, &format!("{good}{upload}{both}")).await;
+    let statuses: Vec<&str> =
+        answer.match_indices("HTTP/1.1 ").map(|(at, _)| &answer[at + 9..at + 12]).collect();
+    assert_eq!(statuses, ["200", "404", "400"], "{answer}");
+    assert_eq!(upstream.calls(), 2);
+
+    // HTTP/1.0 needs no host.
+    let old = exchange(&gateway, "GET /v1/models HTTP/1.0\r\nauthorization: Bearer sk-caller\r\n\r\n").await;
+    assert!(old.starts_with("HTTP/1.0 200"), "{old}");
+}
