@@ -50,8 +50,8 @@ pub enum GatewayError {
          it can never fit: lower max_tokens or shorten the prompt"
     )]
     NeverFits { key: KeyId, needed: u64, capacity: u64, snapshot: RateSnapshot },
-    #[error("upstream `{upstream}` unreachable: {reason}")]
-    UpstreamUnreachable { upstream: String, reason: String },
+    #[error("upstream `{upstream}` {failure}: {detail}")]
+    UpstreamFailed { upstream: String, failure: UpstreamFailure, detail: String },
     #[error("upstream `{upstream}` did not answer within {after:?}")]
     UpstreamTimeout { upstream: String, after: std::time::Duration },
     #[error("request deadline (server.request_timeout) reached")]
@@ -71,7 +71,7 @@ impl GatewayError {
             Self::BodyStalled { .. } | Self::BodyPastDeadline => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited { .. } | Self::NeverFits { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,7 +91,7 @@ impl GatewayError {
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::MalformedRequest(_) => "invalid_request",
             Self::RateLimited { .. } | Self::NeverFits { .. } => "rate_limit_exceeded",
-            Self::UpstreamUnreachable { .. } => "upstream_error",
+            Self::UpstreamFailed { .. } => "upstream_error",
             Self::UpstreamTimeout { .. } | Self::DeadlineReached => "upstream_timeout",
             Self::Internal(_) => "internal_error",
         }
@@ -113,7 +113,7 @@ impl GatewayError {
             Self::RateLimited { limit, .. } => limit.as_str(),
             Self::NeverFits { .. } => LimitKind::Tokens.as_str(),
             Self::ModelNotAllowed { .. } => "permission_error",
-            Self::UpstreamUnreachable { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
+            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
                 "upstream_error"
             }
             Self::Internal(_) => "server_error",
@@ -124,11 +124,45 @@ impl GatewayError {
     pub fn level(&self) -> tracing::Level {
         match self {
             Self::Internal(_) => tracing::Level::ERROR,
-            Self::UpstreamUnreachable { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
+            Self::UpstreamFailed { .. } | Self::UpstreamTimeout { .. } | Self::DeadlineReached => {
                 tracing::Level::WARN
             }
             _ => tracing::Level::INFO,
         }
+    }
+}
+
+/// What went wrong on the way to an upstream's response head, as the 502's message
+/// says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Nothing listens on its port.
+    Refused,
+    /// Its host name did not resolve.
+    Dns,
+    /// The TLS handshake failed (untrusted certificate, not TLS at all, ...).
+    Tls,
+    /// Any other connect failure (`connect_timeout`, no route, ...).
+    Connect,
+    /// The connection was closed or reset before a whole response head arrived.
+    Closed,
+    /// What came back is not HTTP.
+    InvalidResponse,
+    /// Anything else after the connection was made.
+    Other,
+}
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Refused => "refused the connection",
+            Self::Dns => "could not be resolved (DNS)",
+            Self::Tls => "failed the TLS handshake",
+            Self::Connect => "could not be connected to",
+            Self::Closed => "closed or reset the connection before the response head",
+            Self::InvalidResponse => "sent a response that is not valid HTTP",
+            Self::Other => "failed",
+        })
     }
 }
 

@@ -4,9 +4,11 @@
 //! dropped, `Authorization` replaced by the upstream's `api_key` where one is set, the
 //! caller's gateway key never forwarded in `keys` mode), sends it on the upstream's
 //! pooled client within the per-attempt timeout, and relays the response as it
-//! arrives: the body is never buffered, and it stops at the request deadline. Protocol
-//! upgrades (WebSocket) are spliced both ways. Dropping the response body (the client
-//! went away) closes the upstream exchange with it.
+//! arrives: the body is never buffered, and it stops at the request deadline. A failed
+//! send becomes a 502 that says what went wrong (refused, DNS, TLS, closed before the
+//! head, not HTTP), or the caller's own error when its streamed body was the cause.
+//! Protocol upgrades (WebSocket) are spliced both ways. Dropping the response body (the
+//! client went away) closes the upstream exchange with it.
 //!
 //! Which upstream to try and whether to try again is the retry stage's business.
 
@@ -31,7 +33,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{GatewayResponse, ProxyRequest, RequestBody};
 use crate::{
-    error::{BoxError, GatewayError},
+    error::{BoxError, GatewayError, UpstreamFailure},
     upstream::{Upstream, UpstreamBody, headers},
 };
 
@@ -70,7 +72,7 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             let error = transport_error(upstream, error);
-            let retryable = matches!(error, GatewayError::UpstreamUnreachable { .. });
+            let retryable = matches!(error, GatewayError::UpstreamFailed { .. });
             return Attempt::Failed { retryable, error };
         }
         Err(_) if attempt_deadline == request.deadline => {
@@ -144,18 +146,59 @@ fn upstream_request(
 
 /// A failed send as the caller sees it: an error of the caller's body (over the limit,
 /// stalled: ingress put it in the body) is the caller's, anything else the upstream's
-/// 502.
+/// 502, saying what went wrong as far as the error chain tells.
 fn transport_error(upstream: &Upstream, error: hyper_util::client::legacy::Error) -> GatewayError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    let mut reasons = Vec::new();
-    while let Some(error) = source {
+    let mut failure = None;
+    let mut details: Vec<String> = Vec::new();
+    // The chain's head is hyper-util's "client error (Connect)": `failure` says more.
+    let mut cause = std::error::Error::source(&error);
+    while let Some(error) = cause {
         if let Some(client) = error.downcast_ref::<GatewayError>().and_then(client_body_error) {
             return client;
         }
-        reasons.push(error.to_string());
-        source = error.source();
+        failure = failure.or_else(|| failure_of(error));
+        let detail = error.to_string();
+        if details.last() != Some(&detail) {
+            details.push(detail);
+        }
+        // An `io::Error`'s own `source` skips the error it wraps (a TLS error, say).
+        cause = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
     }
-    GatewayError::UpstreamUnreachable { upstream: upstream.name.clone(), reason: reasons.join(": ") }
+    let failure = failure.unwrap_or(match error.is_connect() {
+        true => UpstreamFailure::Connect,
+        false => UpstreamFailure::Other,
+    });
+    GatewayError::UpstreamFailed { upstream: upstream.name.clone(), failure, detail: details.join(": ") }
+}
+
+/// What one error of a failed send's chain says happened, if it says.
+fn failure_of(error: &(dyn std::error::Error + 'static)) -> Option<UpstreamFailure> {
+    if error.is::<rustls::Error>() {
+        return Some(UpstreamFailure::Tls);
+    }
+    if let Some(io) = error.downcast_ref::<std::io::Error>() {
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => Some(UpstreamFailure::Refused),
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof => Some(UpstreamFailure::Closed),
+            _ => None,
+        };
+    }
+    if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+        if hyper.is_parse() || hyper.is_parse_status() || hyper.is_parse_too_large() {
+            return Some(UpstreamFailure::InvalidResponse);
+        }
+        if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
+            return Some(UpstreamFailure::Closed);
+        }
+    }
+    // hyper-util does not export its connect error type; this is its message.
+    (error.to_string() == "dns error").then_some(UpstreamFailure::Dns)
 }
 
 /// The caller's own error, when its body failed the send.
