@@ -25,12 +25,16 @@ pub enum GatewayError {
     MissingApiKey,
     #[error("invalid API key")]
     UnknownApiKey,
-    #[error("key `{key}` may not use model `{model}`")]
+    #[error("key `{key}` may not use model `{}`", shown(model))]
     ModelNotAllowed { key: KeyId, model: String },
-    #[error("no upstream serves model `{0}`")]
+    #[error("no upstream serves model `{}`", shown(.0))]
     ModelNotFound(String),
-    #[error("unknown path `{0}`: spillway serves the OpenAI API under /v1/")]
+    #[error("unknown path `{}`: spillway serves the OpenAI API under /v1/", shown(.0))]
     UnknownPath(String),
+    #[error("path `{}` refused: {reason}", shown(path))]
+    InvalidPath { path: String, reason: crate::upstream::path::PathError },
+    #[error("missing required parameter: `model`")]
+    MissingModel,
     #[error("could not read the request body: {0}")]
     ClientBody(String),
     #[error("request body exceeds the limit of {limit}")]
@@ -63,7 +67,11 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::ClientBody(_) | Self::MalformedRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_)
+            | Self::ClientBody(_)
+            | Self::InvalidPath { .. }
+            | Self::MissingModel
+            | Self::MalformedRequest(_) => StatusCode::BAD_REQUEST,
             Self::MissingApiKey | Self::UnknownApiKey => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
@@ -86,6 +94,8 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_url",
+            Self::InvalidPath { .. } => "invalid_path",
+            Self::MissingModel => "missing_required_parameter",
             Self::RequestTooLarge { .. } => "request_too_large",
             Self::BodyStalled { .. } | Self::BodyPastDeadline => "request_timeout",
             Self::MethodNotAllowed(_) => "method_not_allowed",
@@ -104,6 +114,8 @@ impl GatewayError {
             | Self::ClientBody(_)
             | Self::ModelNotFound(_)
             | Self::UnknownPath(_)
+            | Self::InvalidPath { .. }
+            | Self::MissingModel
             | Self::RequestTooLarge { .. }
             | Self::BodyStalled { .. }
             | Self::BodyPastDeadline
@@ -117,6 +129,14 @@ impl GatewayError {
                 "upstream_error"
             }
             Self::Internal(_) => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.param`: the request parameter at fault, where there is one.
+    pub fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingModel => Some("model"),
+            _ => None,
         }
     }
 
@@ -164,6 +184,17 @@ impl std::fmt::Display for UpstreamFailure {
             Self::Other => "failed",
         })
     }
+}
+
+/// At most the first 200 bytes of a client-chosen string, for a message: an error
+/// echoes what it refers to without echoing a megabyte.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 200;
+    if text.len() <= MAX {
+        return text.into();
+    }
+    let end = (0..=MAX).rev().find(|&end| text.is_char_boundary(end)).unwrap_or(0);
+    format!("{}…", &text[..end]).into()
 }
 
 /// Why the gateway could not start (exit code 2).

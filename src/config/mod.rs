@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub max_connections: NonZeroU32,
     /// A connection with no request in flight for this long is closed (HTTP/2 too).
     pub idle_timeout: Duration,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` / `Forwarded` entries
+    /// are believed (counted from the right); the rest of what a client wrote is dropped.
+    pub trusted_proxy_hops: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +147,12 @@ pub struct UpstreamConfig {
     /// Per attempt, until the response head.
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Sent as `openai-organization` / `openai-project` in place of the caller's.
+    pub organization: Option<String>,
+    pub project: Option<String>,
+    /// Whether the caller's own `openai-organization` / `openai-project` may go
+    /// upstream next to this upstream's `api_key` (they pick who is billed).
+    pub forward_caller_org: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -2,7 +2,8 @@
 //!
 //! It builds the upstream request (URL under the upstream's base, hop-by-hop headers
 //! dropped, `Authorization` replaced by the upstream's `api_key` where one is set, the
-//! caller's gateway key never forwarded in `keys` mode), sends it on the upstream's
+//! caller's gateway key never forwarded in `keys` mode, and next to the operator's key
+//! the caller never picks the billed organization or project), sends it on the upstream's
 //! pooled client within the per-attempt timeout, and relays the response as it
 //! arrives: the body is never buffered, and it stops at the request deadline; in an
 //! error response the upstream's own `api_key` is masked. A failed send becomes a 502
@@ -111,6 +112,7 @@ fn upstream_request(
     let mut headers = head.headers.clone();
     let upgrade = headers::is_upgrade(&headers);
     headers::strip_hop_by_hop(&mut headers, upgrade);
+    headers::strip_method_overrides(&mut headers);
     headers.remove(header::HOST);
     // The client's `100-continue` was answered when its body was read (or is answered
     // as it streams); the upstream gets the body without waiting.
@@ -122,6 +124,8 @@ fn upstream_request(
         headers.remove(header::AUTHORIZATION);
         headers.remove("api-key");
     }
+    let callers_own_key = upstream.authorization.is_none() && request.caller.forwards_own_key;
+    upstream.billing.apply(&mut headers, callers_own_key);
 
     let body = match &mut request.body {
         RequestBody::Buffered(bytes) => {

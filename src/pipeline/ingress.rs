@@ -2,10 +2,11 @@
 //! error response.
 //!
 //! The steps are plain functions run in order: check the request's shape (method,
-//! framing, `host`), check the path, authenticate, read the body (whole for JSON, up to
-//! `max_request_body`; streamed otherwise; either way within the request deadline and
-//! `body_read_timeout`), parse the fields the gateway needs, authorize the model, and
-//! choose candidate upstreams.
+//! framing, `host`), put the path in its normal form (or refuse a spelling an upstream
+//! could read differently), say who the client is in the forwarding headers,
+//! authenticate, read the body (whole for JSON, up to `max_request_body`; streamed
+//! otherwise; either way within the request deadline and `body_read_timeout`), parse
+//! the fields the gateway needs, authorize the model, and choose candidate upstreams.
 //! Every later stage can rely on what this one established. Errors from here and from
 //! every stage below are turned into responses by `respond`, here, so the stack above
 //! is infallible.
@@ -32,23 +33,14 @@ use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, observe::E
 use crate::{
     auth,
     error::{BoxError, GatewayError},
-    openai::CallSummary,
+    openai::{CallSummary, ModelEndpoint},
     runtime::Runtime,
-    upstream::UpstreamBody,
+    upstream::{
+        UpstreamBody,
+        forwarded::{self, ClientAddr},
+        path,
+    },
 };
-
-/// Endpoints whose body is JSON even when the client sends no `content-type`.
-const JSON_ENDPOINTS: [&str; 6] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/moderations",
-    "/v1/images/generations",
-];
-
-/// Streaming endpoints that take `stream_options.include_usage`.
-const USAGE_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 #[derive(Clone)]
 pub struct IngressLayer {
@@ -112,11 +104,18 @@ async fn proxy_request(
 ) -> Result<ProxyRequest, GatewayError> {
     check_shape(&request)?;
     let deadline = Instant::now() + runtime.config.server.request_timeout;
-    let (head, body) = request.into_parts();
+    let (mut head, body) = request.into_parts();
+    head.uri = normal_uri(&head.uri)?;
     let path = head.uri.path();
-    if (path != "/v1" && !path.starts_with("/v1/")) || has_dot_segment(path) {
+    if path != "/v1" && !path.starts_with("/v1/") {
         return Err(GatewayError::UnknownPath(path.to_owned()));
     }
+    let endpoint = match head.method {
+        http::Method::POST => ModelEndpoint::of(path),
+        _ => None,
+    };
+    let peer = head.extensions.get::<ClientAddr>().map(|ClientAddr(peer)| peer.ip());
+    forwarded::rewrite(&mut head.headers, peer, runtime.config.server.trusted_proxy_hops);
     let caller = auth::authenticate(&head.headers, runtime.config.auth, &runtime.keys)?;
     exchange.key = Some(caller.id.clone());
 
@@ -126,7 +125,7 @@ async fn proxy_request(
     }
     let body = ClientBody::new(body, runtime.config.server.body_read_timeout, deadline);
     let mut strip_usage = false;
-    let (body, call) = if is_json(&head) {
+    let (body, call) = if is_json(&head, endpoint) {
         let mut bytes = read_whole(body, limit).await?;
         // SDKs send a JSON content type on GET and DELETE too, with no body.
         let call = match bytes.is_empty() && head.method != http::Method::POST {
@@ -135,7 +134,7 @@ async fn proxy_request(
         };
         // Token accounting needs a stream's usage: ask for it on the client's behalf,
         // and have it stripped again on the way back.
-        if USAGE_ENDPOINTS.contains(&head.uri.path())
+        if endpoint.is_some_and(ModelEndpoint::streams_usage)
             && let Some(with_usage) = call.with_include_usage(&bytes)
         {
             bytes = with_usage;
@@ -146,6 +145,11 @@ async fn proxy_request(
         (RequestBody::Streaming(Some(stream_through(body, limit))), CallSummary::default())
     };
     exchange.model = call.model.clone();
+    // A model call without a model would skip the allowlist and the estimate, and the
+    // upstream might still pick one: refused, as OpenAI does.
+    if endpoint.is_some() && call.model.as_deref().is_none_or(str::is_empty) {
+        return Err(GatewayError::MissingModel);
+    }
 
     if let Some(model) = &call.model
         && !caller.may_use(model)
@@ -160,26 +164,35 @@ async fn proxy_request(
 }
 
 /// Whether the body is JSON to read whole: a JSON content type anywhere, and any body
-/// but a multipart one on an endpoint that only takes JSON (so a key's model list
-/// cannot be sidestepped with another content type, and `curl -d` works). Multipart
-/// and binary bodies elsewhere stream through.
-fn is_json(head: &http::request::Parts) -> bool {
+/// to a model endpoint whatever its content type (none of them takes another, and an
+/// upstream may parse it as JSON all the same: a key's model list cannot be sidestepped
+/// with another content type, and `curl -d` works). Other bodies (multipart uploads,
+/// binary) stream through.
+fn is_json(head: &http::request::Parts, endpoint: Option<ModelEndpoint>) -> bool {
     let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
     let essence =
         content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    let json_only = head.method == http::Method::POST && JSON_ENDPOINTS.contains(&head.uri.path());
-    essence == "application/json"
-        || essence.ends_with("+json")
-        || (json_only && !essence.starts_with("multipart/"))
+    endpoint.is_some() || essence == "application/json" || essence.ends_with("+json")
 }
 
-/// Whether a path has a `.` or `..` segment (also percent-encoded): such a path could
-/// climb out of an upstream's base path once the upstream normalises it.
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+/// The request's URI with its path in the one normal form that every later decision
+/// and the upstream act on ([`path::normalize`]); the query is kept as sent.
+fn normal_uri(uri: &http::Uri) -> Result<http::Uri, GatewayError> {
+    let refused = |reason| GatewayError::InvalidPath { path: uri.path().to_owned(), reason };
+    let path = path::normalize(uri.path()).map_err(refused)?;
+    if path == uri.path() {
+        return Ok(uri.clone());
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        http::uri::PathAndQuery::try_from(path_and_query)
+            .map_err(|_| refused(path::PathError::Unprintable))?,
+    );
+    http::Uri::from_parts(parts).map_err(|_| refused(path::PathError::Unprintable))
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -32,7 +32,7 @@ pub fn error_response(error: &GatewayError) -> GatewayResponse {
         "error": {
             "message": message,
             "type": error.kind(),
-            "param": null,
+            "param": error.param(),
             "code": error.code(),
         }
     });

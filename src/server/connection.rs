@@ -38,7 +38,10 @@ use tokio::{
 use tower::ServiceExt;
 
 use super::{Live, framing};
-use crate::pipeline::{GatewayResponse, forward::UpgradeHold, ingress::ConflictingLength};
+use crate::{
+    pipeline::{GatewayResponse, forward::UpgradeHold, ingress::ConflictingLength},
+    upstream::forwarded::ClientAddr,
+};
 
 /// How long a connection may go without a request.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +72,7 @@ pub(super) async fn serve<I>(
     let slot = UpgradeHold(Arc::new(slot));
     let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         let (guard, number) = InFlight::begin(requests.clone());
+        request.extensions_mut().insert(ClientAddr(peer));
         if request.headers().contains_key(header::UPGRADE) {
             request.extensions_mut().insert(slot.clone());
         }
