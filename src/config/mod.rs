@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// A client must send a request's whole head within this (slowloris).
     pub header_read_timeout: Duration,
+    /// The longest wait for the next piece of a request body (nginx's
+    /// `client_body_timeout`); the whole body is also bound by `request_timeout`.
+    pub body_read_timeout: Duration,
     /// Largest request head accepted (HTTP/1.1 buffer, h2 header list).
     pub max_header_size: ByteSize,
     /// Connections open at once; more are closed as they arrive.

@@ -267,6 +267,7 @@ impl Checker<'_> {
             },
         };
         let header_read_timeout = self.duration("header_read_timeout", &raw.header_read_timeout, false, DAY);
+        let body_read_timeout = self.duration("body_read_timeout", &raw.body_read_timeout, false, DAY);
         let max_header_size = self.size("max_header_size", &raw.max_header_size, MAX_HEADER_SIZE);
         let max_connections = self.count("max_connections", &raw.max_connections);
         let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false, DAY);
@@ -279,6 +280,7 @@ impl Checker<'_> {
         Some(ServerConfig {
             trusted_proxy_hops: trusted_proxy_hops?,
             header_read_timeout: header_read_timeout?,
+            body_read_timeout: body_read_timeout?,
             max_header_size: max_header_size?,
             max_connections: max_connections?,
             idle_timeout: idle_timeout?,

@@ -1,10 +1,11 @@
 //! S1 ingress: turns a raw hyper request into a [`ProxyRequest`], or into a gateway
 //! error response.
 //!
-//! The steps are plain functions run in order: put the path in its normal form (or
-//! refuse a spelling an upstream could read differently), say who the client is in
-//! the forwarding headers, authenticate,
-//! read the body (whole for JSON, up to `max_request_body`; streamed otherwise), parse
+//! The steps are plain functions run in order: check the request's shape (method,
+//! framing, `host`), put the path in its normal form (or refuse a spelling an upstream
+//! could read differently), say who the client is in the forwarding headers,
+//! authenticate, read the body (whole for JSON, up to `max_request_body`; streamed
+//! otherwise; either way within the request deadline and `body_read_timeout`), parse
 //! the fields the gateway needs, authorize the model, and choose candidate upstreams.
 //! Every later stage can rely on what this one established. Errors from here and from
 //! every stage below are turned into responses by `respond`, here, so the stack above
@@ -16,12 +17,16 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
+use bytes::Bytes;
 use http::{Request, header};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, observe::Exchange, respond};
@@ -31,6 +36,7 @@ use crate::{
     openai::{CallSummary, ModelEndpoint},
     runtime::Runtime,
     upstream::{
+        UpstreamBody,
         forwarded::{self, ClientAddr},
         path,
     },
@@ -96,6 +102,7 @@ async fn proxy_request(
     request: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<ProxyRequest, GatewayError> {
+    check_shape(&request)?;
     let deadline = Instant::now() + runtime.config.server.request_timeout;
     let (mut head, body) = request.into_parts();
     head.uri = normal_uri(&head.uri)?;
@@ -116,6 +123,7 @@ async fn proxy_request(
     if declared_length(&head.headers).is_some_and(|length| length > limit.0) {
         return Err(GatewayError::RequestTooLarge { limit });
     }
+    let body = ClientBody::new(body, runtime.config.server.body_read_timeout, deadline);
     let mut strip_usage = false;
     let (body, call) = if is_json(&head, endpoint) {
         let mut bytes = read_whole(body, limit).await?;
@@ -134,13 +142,7 @@ async fn proxy_request(
         }
         (RequestBody::Buffered(bytes), call)
     } else {
-        let streamed = Limited::new(body, limit.as_usize())
-            .map_err(move |error| match error.is::<LengthLimitError>() {
-                true => BoxError::from(GatewayError::RequestTooLarge { limit }),
-                false => error,
-            })
-            .boxed_unsync();
-        (RequestBody::Streaming(Some(streamed)), CallSummary::default())
+        (RequestBody::Streaming(Some(stream_through(body, limit))), CallSummary::default())
     };
     exchange.model = call.model.clone();
     // A model call without a model would skip the allowlist and the estimate, and the
@@ -197,13 +199,115 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// What a request must look like before anything else reads it: not both
+/// `content-length` and `transfer-encoding`, one `host` header at most and on HTTP/1.1
+/// exactly one (400, as nginx answers); no `CONNECT` or `TRACE` (405): the gateway
+/// relays API calls, not tunnels, and never echoes a request with the caller's
+/// credentials in it.
+fn check_shape<B>(request: &Request<B>) -> Result<(), GatewayError> {
+    if request.extensions().get::<ConflictingLength>().is_some() {
+        return Err(GatewayError::MalformedRequest("both content-length and transfer-encoding are set"));
+    }
+    match request.headers().get_all(header::HOST).iter().count() {
+        0 if request.version() == http::Version::HTTP_11 => {
+            return Err(GatewayError::MalformedRequest("an HTTP/1.1 request needs a host header"));
+        }
+        0 | 1 => {}
+        _ => return Err(GatewayError::MalformedRequest("more than one host header")),
+    }
+    if [http::Method::CONNECT, http::Method::TRACE].contains(request.method()) {
+        return Err(GatewayError::MethodNotAllowed(request.method().clone()));
+    }
+    Ok(())
+}
+
+/// Set on a request by the listener when its HTTP/1.1 head had both `content-length`
+/// and `transfer-encoding`: hyper reads such a body as chunked and drops
+/// `content-length`, so only the raw bytes show it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingLength;
+
 /// Reads a body whole, refusing it as soon as it passes `limit` (the rest is never
-/// read into memory).
-async fn read_whole(body: Incoming, limit: crate::config::ByteSize) -> Result<bytes::Bytes, GatewayError> {
-    let max = limit.as_usize();
-    match Limited::new(body, max).collect().await {
+/// read into memory) or stops arriving in time.
+async fn read_whole(body: ClientBody, limit: crate::config::ByteSize) -> Result<Bytes, GatewayError> {
+    match Limited::new(body, limit.as_usize()).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(GatewayError::RequestTooLarge { limit }),
-        Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+        Err(error) => match error.downcast::<GatewayError>() {
+            Ok(gateway) => Err(*gateway),
+            Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+        },
+    }
+}
+
+/// A body to stream upstream as it arrives, cut off past `limit`; when it fails (too
+/// large, too slow) the upstream attempt fails with the caller's error inside.
+fn stream_through(body: ClientBody, limit: crate::config::ByteSize) -> UpstreamBody {
+    Limited::new(body, limit.as_usize())
+        .map_err(move |error| match error.is::<LengthLimitError>() {
+            true => BoxError::from(GatewayError::RequestTooLarge { limit }),
+            false => error,
+        })
+        .boxed_unsync()
+}
+
+pin_project! {
+    /// The client's request body, held to the request deadline and to
+    /// `server.body_read_timeout` between two pieces of it: past either it fails with
+    /// a 408 error, so a body that stops arriving cannot keep its connection.
+    struct ClientBody {
+        #[pin]
+        body: Incoming,
+        gap: Duration,
+        // Whether the last poll found nothing, so `stall` runs from that first wait.
+        waiting: bool,
+        #[pin]
+        stall: Sleep,
+        #[pin]
+        deadline: Sleep,
+    }
+}
+
+impl ClientBody {
+    fn new(body: Incoming, gap: Duration, deadline: Instant) -> Self {
+        let stall = tokio::time::sleep_until(deadline);
+        Self { body, gap, waiting: false, stall, deadline: tokio::time::sleep_until(deadline) }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            *this.waiting = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)));
+        }
+        if !*this.waiting {
+            *this.waiting = true;
+            if let Some(until) = Instant::now().checked_add(*this.gap) {
+                this.stall.as_mut().reset(until);
+            }
+        }
+        if this.deadline.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(GatewayError::BodyPastDeadline.into())));
+        }
+        if this.stall.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(GatewayError::BodyStalled { after: *this.gap }.into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

@@ -295,6 +295,7 @@ max_request_body = "4GiB"
 request_timeout = "7d"
 shutdown_grace = "7d"
 header_read_timeout = "1d"
+body_read_timeout = "1d"
 max_header_size = "1MiB"
 idle_timeout = "1d"
 
