@@ -225,7 +225,7 @@ max_delay = "10ms"
         )
         .expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
-            .args(["--log-format", "json", "--log-level", "warn", "--config"])
+            .args(["--log-format", "json", "--log-level", "warn,spillway::server=info", "--config"])
             .arg(&config)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
