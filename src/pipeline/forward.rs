@@ -228,13 +228,14 @@ fn relay(response: Response<Incoming>, deadline: Instant, upstream: &Upstream) -
         head.headers.insert(X_UPSTREAM_REQUEST_ID, id);
     }
     let body = UntilDeadline { body, deadline: tokio::time::sleep_until(deadline) };
-    match provider_key(upstream) {
-        Some(key) if head.status.is_client_error() || head.status.is_server_error() => {
+    let failed = head.status.is_client_error() || head.status.is_server_error();
+    match failed.then(|| provider_key(upstream)).flatten() {
+        Some(key) => {
             // The mask is not as long as the key.
             head.headers.remove(header::CONTENT_LENGTH);
             Response::from_parts(head, MaskKey::new(body, key).boxed_unsync())
         }
-        _ => Response::from_parts(head, body.boxed_unsync()),
+        None => Response::from_parts(head, body.boxed_unsync()),
     }
 }
 
