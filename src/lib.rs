@@ -18,6 +18,7 @@
 //! - [`error`]: gateway errors and the table mapping them to status and code.
 //! - [`metrics`]: metric names, the Prometheus recorder, per-request helpers.
 //! - [`secret`]: redacted secret types; [`runtime`]: state built from one config.
+//! - `fuzzing` (hidden): the properties the fuzz targets and their corpus replay check.
 //!
 //! # Request path
 //!
@@ -35,6 +36,8 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limit;
 pub mod metrics;
 pub mod openai;

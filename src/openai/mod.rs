@@ -13,7 +13,11 @@ pub mod tokens;
 use std::borrow::Cow;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::{Deserialize, de::IgnoredAny};
+use serde::{
+    Deserialize,
+    de::{IgnoredAny, MapAccess, Visitor},
+};
+use serde_json::value::RawValue;
 
 /// The endpoints whose JSON body the gateway must read: the model calls it routes,
 /// allowlists and meters.
@@ -138,9 +142,12 @@ impl CallSummary {
     ///
     /// Without a `stream_options` key, `"stream_options":{"include_usage":true}` is
     /// spliced in right after the opening `{` and every other byte stays as sent. With
-    /// one (rare), the body is re-serialized with `include_usage` merged in, which
-    /// reorders its keys. Only chat/completions and completions streams take this
-    /// option; which paths to rewrite is the caller's decision.
+    /// one (rare), the object is written again with `include_usage` merged into it:
+    /// members keep their order and values their text (a number is never rounded
+    /// through `f64`); keys may be escaped differently and whitespace between members
+    /// is dropped. Only
+    /// chat/completions and completions streams take this option; which paths to
+    /// rewrite is the caller's decision.
     pub fn with_include_usage(&self, body: &[u8]) -> Option<Bytes> {
         if !self.stream || self.include_usage {
             return None;
@@ -175,16 +182,56 @@ fn splice_include_usage(body: &[u8]) -> Option<Bytes> {
 }
 
 fn merge_include_usage(body: &[u8]) -> Option<Bytes> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object_mut()?;
-    let options = object.entry("stream_options").or_insert_with(|| serde_json::json!({}));
-    if !options.is_object() {
-        *options = serde_json::json!({});
+    let Members(members) = serde_json::from_slice(body).ok()?;
+    let mut merged = BytesMut::with_capacity(body.len() + INCLUDE_USAGE.len());
+    merged.put_u8(b'{');
+    for (index, (key, value)) in members.iter().enumerate() {
+        if index > 0 {
+            merged.put_u8(b',');
+        }
+        serde_json::to_writer((&mut merged).writer(), key).ok()?;
+        merged.put_u8(b':');
+        if key != "stream_options" {
+            merged.put_slice(value.get().as_bytes());
+            continue;
+        }
+        // Not an object (`null`, a list): replaced, as there is nothing to merge into.
+        let Members(options) = serde_json::from_str(value.get()).unwrap_or_default();
+        merged.put_u8(b'{');
+        for (key, value) in options.iter().filter(|(key, _)| key != "include_usage") {
+            serde_json::to_writer((&mut merged).writer(), key).ok()?;
+            merged.put_u8(b':');
+            merged.put_slice(value.get().as_bytes());
+            merged.put_u8(b',');
+        }
+        merged.put_slice(br#""include_usage":true}"#);
     }
-    if let Some(options) = options.as_object_mut() {
-        options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+    merged.put_u8(b'}');
+    Some(merged.freeze())
+}
+
+/// A JSON object's members in document order, each value borrowed as written.
+#[derive(Default)]
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
     }
-    serde_json::to_vec(&value).ok().map(Bytes::from)
 }
 
 /// Tokens an upstream says a call used.
@@ -293,6 +340,18 @@ mod tests {
             with_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).expect("rewritten");
         let value: serde_json::Value = serde_json::from_slice(&rewritten).expect("JSON");
         assert_eq!(value["stream_options"]["x"], 1, "other options are kept");
+    }
+
+    #[test]
+    fn merging_keeps_every_other_value_as_written() {
+        // Found by the `request_fields` fuzz target: the merge went through
+        // `serde_json::Value`, which sent this seed upstream as 1.2345678901234568e20.
+        let body = br#"{"seed":123456789012345678901, "temperature":0.70,"stream":true,
+            "stream_options":{"x":1.0E+2,"include_usage":false,"y":[ 1 ]},"n":-0,"seed":1}"#;
+        assert_eq!(
+            &with_include_usage(body).expect("rewritten")[..],
+            br#"{"seed":123456789012345678901,"temperature":0.70,"stream":true,"stream_options":{"x":1.0E+2,"y":[ 1 ],"include_usage":true},"n":-0,"seed":1}"#
+        );
     }
 
     #[test]

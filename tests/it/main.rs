@@ -8,6 +8,7 @@ mod distributed_cache;
 mod distributed_health;
 mod distributed_limits;
 mod errors;
+mod fuzz_corpus;
 mod listener;
 mod metrics;
 mod mock_selftest;
