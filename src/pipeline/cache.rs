@@ -23,8 +23,8 @@
 //! failure.
 //!
 //! Request controls: `cache-control: no-store` (bypass), `no-cache` (skip the lookup,
-//! refresh the entry), `x-spillway-cache-ttl: SECONDS` (this entry's lifetime; 0 =
-//! do not store). Every response through this stage carries
+//! refresh the entry), `x-spillway-cache-ttl: SECONDS` (this entry's lifetime, at most
+//! `cache.ttl`; 0 = do not store). Every response through this stage carries
 //! `x-spillway-cache: hit|miss|bypass`, and the same [`CacheStatus`] in its extensions.
 
 use std::{
@@ -179,8 +179,9 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
     if directives.iter().any(|directive| directive == "no-store") {
         return None;
     }
+    // A client may shorten an entry's life, never lengthen it past `cache.ttl`.
     let ttl = match head.headers.get(X_SPILLWAY_CACHE_TTL).and_then(|value| value.to_str().ok()) {
-        Some(seconds) => Duration::from_secs(seconds.trim().parse().ok()?),
+        Some(seconds) => Duration::from_secs(seconds.trim().parse().ok()?).min(settings.ttl),
         None => settings.ttl,
     };
     let canonical = key::canonical_json(body).ok()?;

@@ -240,6 +240,22 @@ async fn a_per_request_ttl_as_large_as_u64_is_served_and_stored() {
     assert_eq!(upstream.calls(), 1);
 }
 
+#[tokio::test]
+async fn a_client_ttl_never_outlives_the_configured_one() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway =
+        TestGateway::start(&config_for(&upstream.base_url(), "[cache]\nenabled = true\nttl = \"1s\"\n"))
+            .await;
+
+    let century = (100 * 365 * 24 * 3600_u64).to_string();
+    send(&gateway, "sk-a", &chat_body(), &[("x-spillway-cache-ttl", &century)]).await;
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+    // Capped at `cache.ttl`, one second; a real wait is the only way to see moka's clock move.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(upstream.calls(), 2);
+}
+
 /// 64 KiB in all: responses being recorded share a quarter of it (16 KiB), and no
 /// entry may take more than an eighth (8 KiB).
 const SMALL_CACHE: &str = "[cache]\nenabled = true\nmax_size = \"64KiB\"\n";
