@@ -4,9 +4,10 @@
 //! method, path and query, stream flag and the body's canonical JSON (`cache::key`).
 //! A hit is replayed from the store (a stream as its recorded bytes); a miss goes on,
 //! and its response is recorded as it is relayed (no added latency) and stored once
-//! it completed: a 200, and for a stream one that reached `data: [DONE]` without an
-//! error or a `content_filter` finish. A cut, failed or refused response is never
-//! stored.
+//! it completed: a 200 whose body is valid JSON, or a stream that reached
+//! `data: [DONE]` and whose every event's data is a chunk the stream watch could read,
+//! without an error or a `content_filter` finish. A cut, failed, refused or
+//! unreadable response is never stored.
 //!
 //! A recording copies each frame into one growing buffer of its own (keeping the
 //! relayed frames would keep hyper's whole read buffers alive), paid for from the
@@ -39,6 +40,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, StreamBody};
 use parking_lot::Mutex;
+use serde::de::IgnoredAny;
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 
@@ -361,7 +363,7 @@ impl Recording {
         true
     }
 
-    /// The body came to its end: stores it if it completed cleanly.
+    /// The body came to its end: stores it if it is what it claims to be.
     fn complete(self) {
         let Recording { body, reservation, watch, pending, .. } = self;
         let body = match watch {
@@ -373,7 +375,8 @@ impl Recording {
                 }
                 CachedBody::Events(compact(body))
             }
-            None => CachedBody::Full(compact(body)),
+            None if serde_json::from_slice::<IgnoredAny>(&body).is_ok() => CachedBody::Full(compact(body)),
+            None => return,
         };
         pending.store(body, reservation);
     }
@@ -381,7 +384,7 @@ impl Recording {
 
 /// A stream that cannot be stored, whatever comes next.
 fn spoiled(watch: &StreamWatch) -> bool {
-    watch.error() || watch.content_filtered() || watch.gave_up()
+    watch.error() || watch.content_filtered() || watch.malformed() || watch.gave_up()
 }
 
 /// `body` in a buffer of exactly its length.

@@ -256,6 +256,46 @@ async fn a_client_ttl_never_outlives_the_configured_one() {
     assert_eq!(upstream.calls(), 2);
 }
 
+#[tokio::test]
+async fn a_200_that_is_not_json_is_relayed_but_never_stored() {
+    let truncated = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"message":"#;
+    let upstream = MockUpstream::new()
+        .reply(Reply::bytes(200, truncated).header("content-type", "application/json"))
+        .reply(
+            Reply::bytes(200, "<html>upstream proxy says hello</html>").header("content-type", "text/html"),
+        )
+        .reply(Reply::openai())
+        .start()
+        .await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await, ("miss".to_owned(), truncated.to_owned()));
+    let (status, html) = send(&gateway, "sk-a", &chat_body(), &[]).await;
+    assert_eq!((status.as_str(), html.as_str()), ("miss", "<html>upstream proxy says hello</html>"));
+    // The third is a real answer: stored, as ever.
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+    assert_eq!(upstream.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_stream_with_data_that_does_not_parse_is_relayed_but_never_stored() {
+    let events = [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\n\n",
+        "data: [DONE]\n\n",
+    ];
+    let upstream = MockUpstream::new().reply(Reply::sse_raw(events)).reply(Reply::openai()).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let mut streamed = chat_body();
+    streamed["stream"] = json!(true);
+
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await, ("miss".to_owned(), events.concat()));
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await.0, "miss", "the broken stream was stored");
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await.0, "hit");
+    assert_eq!(upstream.calls(), 2);
+}
+
 /// 64 KiB in all: responses being recorded share a quarter of it (16 KiB), and no
 /// entry may take more than an eighth (8 KiB).
 const SMALL_CACHE: &str = "[cache]\nenabled = true\nmax_size = \"64KiB\"\n";
