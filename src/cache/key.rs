@@ -97,7 +97,7 @@ mod tests {
     fn key(scope: Scope, method: Method, path: &str, stream: bool, body: &str) -> CacheKey {
         let canonical = canonical_json(body.as_bytes()).expect("valid JSON");
         let identity =
-            RequestIdentity { scope, method, path: path.to_owned(), stream, body_len: canonical.len() };
+            RequestIdentity { scope, method, path: path.into(), stream, body_len: canonical.len() };
         CacheKey::new(&identity, &canonical)
     }
 
