@@ -24,6 +24,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn identity(body_len: usize) -> RequestIdentity {
     RequestIdentity {
         scope: Scope::Key(BucketKey::Configured(KeyId::new("team-search"))),
+        account: None,
         method: Method::POST,
         path: "/v1/chat/completions".into(),
         stream: false,

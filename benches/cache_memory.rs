@@ -219,6 +219,7 @@ async fn store_alone(entries: u64) {
     let scope = Scope::Key(BucketKey::Configured(KeyId::new("team-search")));
     let identity = |n: u64| RequestIdentity {
         scope: scope.clone(),
+        account: None,
         method: Method::POST,
         path: "/v1/chat/completions".into(),
         stream: false,

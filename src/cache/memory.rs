@@ -164,6 +164,7 @@ mod tests {
     fn identity() -> RequestIdentity {
         RequestIdentity {
             scope: Scope::Global,
+            account: None,
             method: Method::POST,
             path: "/v1/chat/completions".into(),
             stream: false,

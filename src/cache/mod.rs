@@ -47,6 +47,10 @@ pub enum Scope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestIdentity {
     pub scope: Scope,
+    /// The OpenAI organization and project a passthrough caller's own key was sent
+    /// with (`openai-organization`, `openai-project`): one key may answer for several
+    /// accounts, and each keeps its own entries. `None` otherwise.
+    pub account: Option<Box<str>>,
     pub method: Method,
     /// Path and query as the client sent them.
     pub path: Box<str>,

@@ -57,6 +57,7 @@ use crate::{
     error::{BoxError, GatewayError},
     metrics,
     openai::sse::StreamWatch,
+    upstream::Billing,
 };
 
 const X_SPILLWAY_CACHE: HeaderName = HeaderName::from_static("x-spillway-cache");
@@ -193,6 +194,7 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
     };
     let path = head.uri.path_and_query().map_or_else(|| head.uri.path(), |path| path.as_str()).into();
     let identity = RequestIdentity {
+        account: account(request, &scope),
         scope,
         method: head.method.clone(),
         path,
@@ -205,6 +207,23 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
         lookup: !directives.iter().any(|directive| directive == "no-cache"),
         ttl,
     })
+}
+
+/// The account a passthrough caller's own key bills, as it chose with the OpenAI
+/// headers: part of a key's scope, since one key may answer for several accounts.
+/// `None` when the caller's key does not go upstream (its choice is dropped there) or
+/// the scope is global.
+fn account(request: &ProxyRequest, scope: &Scope) -> Option<Box<str>> {
+    if !request.caller.forwards_own_key || *scope == Scope::Global {
+        return None;
+    }
+    let header = |name| request.head.headers.get(name).and_then(|value: &HeaderValue| value.to_str().ok());
+    let (organization, project) = (header(Billing::ORGANIZATION), header(Billing::PROJECT));
+    if organization.is_none() && project.is_none() {
+        return None;
+    }
+    let account = format!("organization={} project={}", organization.unwrap_or(""), project.unwrap_or(""));
+    Some(account.into())
 }
 
 /// The request's `cache-control` directives, lower-cased.

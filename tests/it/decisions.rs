@@ -295,3 +295,26 @@ async fn a_body_that_names_two_models_is_refused() {
         assert_eq!(error["error"]["code"], "invalid_json", "{body}");
     }
 }
+
+#[tokio::test]
+async fn a_passthrough_keys_organization_and_project_are_part_of_its_cache_scope() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "[cache]\nenabled = true\n")).await;
+    let ask = |organization: &'static str, project: &'static str| {
+        http()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth("sk-caller")
+            .header("openai-organization", organization)
+            .header("openai-project", project)
+            .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let cache =
+        |response: reqwest::Response| response.headers()["x-spillway-cache"].to_str().map(str::to_owned);
+
+    assert_eq!(cache(ask("org-a", "proj_1").await.expect("answer")).ok().as_deref(), Some("miss"));
+    assert_eq!(cache(ask("org-a", "proj_1").await.expect("answer")).ok().as_deref(), Some("hit"));
+    assert_eq!(cache(ask("org-b", "proj_1").await.expect("answer")).ok().as_deref(), Some("miss"));
+    assert_eq!(cache(ask("org-a", "proj_2").await.expect("answer")).ok().as_deref(), Some("miss"));
+    assert_eq!(upstream.calls(), 3);
+}

@@ -16,6 +16,7 @@
 //! ```text
 //! magic "SPWC" · version u8 = 2
 //! scope tag u8: 0 global | 1 configured key id (field, UTF-8) | 2 presented key hash (field, "sha256:<hex>")
+//! account tag u8: 0 none | 1 organization and project (field, UTF-8)
 //! method (field) · path and query (field, UTF-8) · stream u8 (0|1) · body_len u64
 //! status u16 · ttl in milliseconds u64
 //! headers (field: the `name:value\n` block of [`StoredHeaders`])
@@ -75,6 +76,13 @@ pub fn encode(entry: &CachedResponse) -> Option<Bytes> {
             put_field(&mut buffer, &text)?;
         }
     }
+    match &identity.account {
+        None => buffer.put_u8(0),
+        Some(account) => {
+            buffer.put_u8(1);
+            put_field(&mut buffer, account.as_bytes())?;
+        }
+    }
     put_field(&mut buffer, identity.method.as_str().as_bytes())?;
     put_field(&mut buffer, identity.path.as_bytes())?;
     buffer.put_u8(u8::from(identity.stream));
@@ -107,6 +115,11 @@ pub fn decode(value: Bytes) -> Option<CachedResponse> {
         SCOPE_PRESENTED => Scope::Key(BucketKey::Presented(reader.text(KeyHash::parse)?)),
         _ => return None,
     };
+    let account = match reader.u8()? {
+        0 => None,
+        1 => Some(reader.text(|account| Some(account.into()))?),
+        _ => return None,
+    };
     let method = Method::from_bytes(&reader.field()?).ok()?;
     let path = reader.text(|path| Some(path.into()))?;
     let stream = match reader.u8()? {
@@ -115,7 +128,7 @@ pub fn decode(value: Bytes) -> Option<CachedResponse> {
         _ => return None,
     };
     let body_len = usize::try_from(reader.u64()?).ok()?;
-    let identity = RequestIdentity { scope, method, path, stream, body_len };
+    let identity = RequestIdentity { scope, account, method, path, stream, body_len };
 
     let status = StatusCode::from_u16(reader.u16()?).ok()?;
     let ttl = Duration::from_millis(reader.u64()?);

@@ -27,6 +27,7 @@ fn entry(scope: Scope, stream: bool, body: CachedBody) -> CachedResponse {
     CachedResponse {
         identity: RequestIdentity {
             scope,
+            account: Some("organization=org-1 project=proj_1".into()),
             method: Method::POST,
             path: "/v1/chat/completions?api-version=2024-02-01".into(),
             stream,
@@ -183,6 +184,8 @@ fn any_entry() -> impl Strategy<Value = CachedResponse> {
         .prop_map(|((scope, method, path, stream, body_len, status, ttl_ms), body)| CachedResponse {
             identity: RequestIdentity {
                 scope,
+                // Both spellings of the account round-trip.
+                account: stream.then(|| "organization=org-1".into()),
                 method,
                 path: path.into(),
                 stream,
