@@ -1,5 +1,5 @@
-//! Cache memory bench: what cached entries really cost the process, next to what
-//! `spillway_cache_bytes` (their weight) says they cost.
+//! Cache memory bench: what cached entries and responses being recorded really cost
+//! the process, next to what `spillway_cache_bytes` (the entries' weight) says.
 //!
 //! First the memory store alone: `CACHE_ENTRIES` entries with a two-byte body, each
 //! replayed once, put straight into a `MemoryStore`; the resident-set growth per entry
@@ -7,14 +7,20 @@
 //! `cache::ENTRY_OVERHEAD` charges (the entry, its `Arc`, its buffers' reference
 //! counts, moka's bookkeeping).
 //!
-//! Then the whole gateway, in one process on 127.0.0.1: a small origin answering like OpenAI
-//! (a chat completion of ~90 words with OpenAI's usual response headers, or the same
-//! answer as a stream of ~30 chunks), the gateway with the cache on and room for
+//! Then the whole gateway, in one process on 127.0.0.1: a small origin answering like
+//! OpenAI (a chat completion of ~90 words with OpenAI's usual response headers, or the
+//! same answer as a stream of ~30 chunks), the gateway with the cache on and room for
 //! every entry, and keep-alive clients sending requests that all differ, so that each
 //! one is a miss that is stored. The origin records nothing, so the process grows by
 //! what the gateway keeps. After a warm-up it fills the cache with `CACHE_ENTRIES`
 //! whole answers, then as many streams, and prints for each kind the resident-set
 //! growth per entry, the weight per entry, and their ratio.
+//!
+//! With `CACHE_LONG_STREAMS=on` (or `off`) it runs instead, with the cache on (off)
+//! at the default `max_size` of 256 MiB, `CACHE_CLIENTS` (default 30) clients each
+//! reading a different stream of `CACHE_LONG_STREAM_MIB` (default 24) as fast as it
+//! comes, and prints the peak growth of the resident set: what recordings in flight
+//! cost.
 //!
 //! `cargo bench --bench cache_memory` (env: `CACHE_ENTRIES`, default 100 000;
 //! `CACHE_CLIENTS`, default 16).

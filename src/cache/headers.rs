@@ -26,13 +26,15 @@ pub struct StoredHeaders(Bytes);
 impl StoredHeaders {
     /// The [`REPLAYED`] headers of `headers`, copied into a block of their own.
     pub fn copy_from(headers: &HeaderMap) -> Self {
-        let kept = || {
-            REPLAYED.iter().flat_map(|name| headers.get_all(name).into_iter().map(move |value| (name, value)))
-        };
-        let kept = || kept().filter(|(name, value)| storable(name, value));
-        let len = kept().map(|(name, value)| name.as_str().len() + value.len() + 2).sum();
+        let kept: Vec<_> = REPLAYED
+            .iter()
+            .flat_map(|name| headers.get_all(name).into_iter().map(move |value| (name, value)))
+            .filter(|(name, value)| storable(name, value))
+            .collect();
+        // Allocated once, at its exact length.
+        let len = kept.iter().map(|(name, value)| name.as_str().len() + value.len() + 2).sum();
         let mut block = Vec::with_capacity(len);
-        for (name, value) in kept() {
+        for (name, value) in kept {
             block.extend_from_slice(name.as_str().as_bytes());
             block.push(b':');
             block.extend_from_slice(value.as_bytes());

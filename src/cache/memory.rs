@@ -4,15 +4,13 @@
 //! Entries are weighed by [`CachedResponse::weight`] against the tier's capacity
 //! (its share of `cache.max_size`, see [`super::ResponseCache`]); an entry heavier
 //! than a set bound is not stored at all, so one large response can never flush
-//! everything else. When full, moka's TinyLFU policy
-//! admits a new entry only if it is likely to be used more than the ones it would
-//! evict. The bytes held are reported in the [`BYTES_METRIC`] gauge, kept from the
-//! puts and removals themselves (moka's own count lags behind until its next
-//! maintenance run). An expired entry is never returned, but it keeps its bytes
-//! until moka's maintenance removes it (its timer wheel ticks about once a second,
-//! and maintenance runs with cache activity). What to store, for how long, and
-//! coalescing belong to the cache stage; this store never fails (`Unavailable` is
-//! for remote tiers).
+//! everything else. When full, the least recently used entries go first. The bytes
+//! held are reported in the [`BYTES_METRIC`] gauge, kept from the puts and removals
+//! themselves (moka's own count lags behind until its next maintenance run). An
+//! expired entry is never returned, but it keeps its bytes until moka's maintenance
+//! removes it (its timer wheel ticks about once a second, and maintenance runs with
+//! cache activity). What to store, for how long, and coalescing belong to the cache
+//! stage; this store never fails (`Unavailable` is for remote tiers).
 
 use std::{
     sync::{
