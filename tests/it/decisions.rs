@@ -318,3 +318,68 @@ async fn a_passthrough_keys_organization_and_project_are_part_of_its_cache_scope
     assert_eq!(cache(ask("org-a", "proj_2").await.expect("answer")).ok().as_deref(), Some("miss"));
     assert_eq!(upstream.calls(), 3);
 }
+
+/// The same refusals from the release-built binary as a user runs it, raw over TCP.
+#[tokio::test]
+async fn the_binary_refuses_what_the_pipeline_refuses() {
+    use tokio::time::{Duration, timeout};
+
+    use crate::cli::Running;
+
+    let upstream = MockUpstream::new().start().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\nheader_read_timeout = \"1s\"\n\n\
+         [[upstreams]]\nname = \"mock\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    );
+    let running = Running::serve(&config);
+    let send = |request: String| {
+        let addr = running.addr();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(request.as_bytes()).await.expect("send");
+            let mut answer = Vec::new();
+            timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+                .await
+                .expect("closed in time")
+                .expect("read");
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let request = |method: &str, path: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\nx-forwarded-for: 6.6.6.6\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+
+    let cases = [
+        (request("POST", "/v1/chat%2Fcompletions", "{}"), "HTTP/1.1 400", "invalid_path"),
+        (
+            request("POST", "/v1/chat/completions", r#"{"messages":[]}"#),
+            "HTTP/1.1 400",
+            "missing_required_parameter",
+        ),
+        (request("TRACE", "/v1/models", ""), "HTTP/1.1 405", "method_not_allowed"),
+        (request("CONNECT", "/v1/models", ""), "HTTP/1.1 405", "method_not_allowed"),
+    ];
+    for (sent, status, code) in cases {
+        let answer = send(sent.clone()).await;
+        assert!(answer.starts_with(status) && answer.contains(code), "{sent}\n=> {answer}");
+    }
+    assert_eq!(upstream.calls(), 0);
+
+    // A connection that never sends a byte is closed after header_read_timeout.
+    let silent = send(String::new()).await;
+    assert!(silent.is_empty(), "{silent}");
+
+    let answer = send(request("POST", "/v1/%63hat/completions", r#"{"model":"gpt-4o","messages":[]}"#)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = upstream.last_request();
+    assert_eq!(
+        (seen.uri.path(), seen.header("x-forwarded-for")),
+        ("/v1/chat/completions", Some("127.0.0.1"))
+    );
+    assert_eq!(running.terminate(), 0);
+}
