@@ -366,3 +366,31 @@ async fn the_largest_values_check_accepts_serve_requests_without_overflowing() {
     assert_eq!(upstream.calls(), 3, "two misses and the one 503");
     assert_eq!(running.terminate(), 0);
 }
+
+#[test]
+fn pretty_logs_carry_no_colour_codes_off_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        write(dir.path(), "spillway.toml", "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n");
+    let mut child = spillway(dir.path())
+        .args(["--log-format", "pretty", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (found, line) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("spillway started") {
+                let _ = found.send(line);
+            }
+        }
+    });
+    let line = line.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("startup line within 20 s");
+    assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+}
