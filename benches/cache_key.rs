@@ -1,30 +1,18 @@
 //! Cache key bench: canonical JSON + SHA-256 of a realistic chat request body, next
 //! to a naive baseline (parse into a `serde_json::Value`, write it back out, hash),
 //! at 4 KiB and 64 KiB. The naive baseline sorts keys too, but rounds numbers
-//! through `f64`, which is why the cache does not use it.
-//!
-//! It also prints what a cached entry costs beyond its body: the bookkeeping
-//! `CachedResponse::weight` charges, and what moka itself takes per entry (resident
-//! set growth over 100k small entries).
+//! through `f64`, which is why the cache does not use it. What an entry costs in
+//! memory is `benches/cache_memory.rs`'s.
 //!
 //! `cargo bench --bench cache_key`
 
-#[path = "support/proc_stats.rs"]
-#[allow(dead_code)]
-mod proc_stats;
+use std::{hint::black_box, time::Duration};
 
-use std::{hint::black_box, sync::Arc, time::Duration};
-
-use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::Method;
 use serde_json::{Value, json};
 use spillway::{
-    cache::{
-        CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Scope,
-        key::canonical_json,
-        memory::{DEFAULT_MAX_ENTRY_DIVISOR, MemoryStore},
-    },
+    cache::{CacheKey, RequestIdentity, Scope, key::canonical_json},
     limit::BucketKey,
     secret::KeyId,
 };
@@ -33,13 +21,12 @@ use spillway::{
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ENTRIES: u64 = 100_000;
-
 fn identity(body_len: usize) -> RequestIdentity {
     RequestIdentity {
         scope: Scope::Key(BucketKey::Configured(KeyId::new("team-search"))),
+        account: None,
         method: Method::POST,
-        path: "/v1/chat/completions".to_owned(),
+        path: "/v1/chat/completions".into(),
         stream: false,
         body_len,
     }
@@ -91,7 +78,6 @@ fn naive_key_of(body: &[u8]) -> CacheKey {
 }
 
 fn cache_key(c: &mut Criterion) {
-    print_entry_overhead();
     let mut group = c.benchmark_group("cache_key");
     for size in [4 * 1024, 64 * 1024] {
         let body = chat_body(size);
@@ -110,62 +96,6 @@ fn cache_key(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// Bytes an entry is charged beyond its body, and what moka really takes per entry.
-fn print_entry_overhead() {
-    let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert("openai-model", HeaderValue::from_static("gpt-4o-mini-2024-07-18"));
-    headers.insert("openai-processing-ms", HeaderValue::from_static("412"));
-    let response = |body: CachedBody| CachedResponse {
-        identity: identity(2048),
-        status: StatusCode::OK,
-        headers: headers.clone(),
-        body,
-        ttl: Duration::from_secs(3600),
-    };
-    let full = response(CachedBody::Full(Bytes::from(vec![b'x'; 1500])));
-    let frames = response(CachedBody::Events(vec![Bytes::from(vec![b'x'; 120]); 60]));
-    for (name, entry) in [("full body", &full), ("stream of 60 events", &frames)] {
-        println!(
-            "weight: {name}: {} bytes charged beyond the {}-byte body",
-            entry.weight() - entry.body.len(),
-            entry.body.len()
-        );
-    }
-
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else { return };
-    let store = MemoryStore::new(1 << 30, DEFAULT_MAX_ENTRY_DIVISOR);
-    let before = proc_stats::resident_bytes();
-    let values: Vec<_> = (0..ENTRIES)
-        .map(|_| {
-            Arc::new(CachedResponse {
-                identity: identity(2),
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                body: CachedBody::Full(Bytes::from_static(b"{}")),
-                ttl: Duration::from_secs(3600),
-            })
-        })
-        .collect();
-    let built = proc_stats::resident_bytes();
-    runtime.block_on(async {
-        for (n, value) in (0..ENTRIES).zip(&values) {
-            let _ = store.put(key_of(n.to_string().as_bytes()), Arc::clone(value)).await;
-        }
-    });
-    let stored = runtime.block_on(store.entry_count());
-    let after = proc_stats::resident_bytes();
-    if let (Some(before), Some(built), Some(after)) = (before, built, after) {
-        println!(
-            "memory: {} bytes per small entry value (CachedResponse, Arc, path), {} bytes per entry in moka \
-             (key, node, indexes; resident set growth over {stored} entries)",
-            built.saturating_sub(before) / ENTRIES,
-            after.saturating_sub(built) / stored.max(1),
-        );
-    }
-    drop(values);
 }
 
 criterion_group! {

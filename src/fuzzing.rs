@@ -290,3 +290,52 @@ pub fn retry_after(input: &[u8]) {
     let close = asked.is_some_and(|asked| asked.abs_diff(expected) < Duration::from_micros(1));
     assert!(close, "read {asked:?} for {headers:?}, expected {expected:?}");
 }
+
+/// `path`: the path normaliser ([`crate::upstream::path::normalize`]) on any path hyper
+/// can hand over.
+///
+/// - Its normal form means what the path meant: percent-decoded, both are the same
+///   bytes, so no upstream that decodes reads another path than the one decided on.
+/// - The normal form is final: normalising it again changes nothing; it has no empty,
+///   `.` or `..` segment, no `\`, `;`, encoded `/`, `\` or `%`, only visible ASCII, and
+///   it is a valid URI path, so ingress can always rebuild the request's URI with it.
+pub fn path(input: &[u8]) {
+    use crate::upstream::path::normalize;
+
+    let Ok(text) = std::str::from_utf8(input) else { return };
+    let Ok(parsed) = http::uri::PathAndQuery::try_from(text) else { return };
+    let Ok(normal) = normalize(parsed.path()) else { return };
+    assert_eq!(percent_decoded(&normal), percent_decoded(parsed.path()), "{normal:?} means another path");
+    assert_eq!(normalize(&normal).as_deref(), Ok(normal.as_str()), "the normal form is not final");
+    for segment in normal.split('/').skip(1) {
+        assert!(!matches!(segment, "" | "." | ".."), "{normal:?} has segment {segment:?}");
+    }
+    let upper = normal.to_ascii_uppercase();
+    for refused in ["\\", ";", "%2F", "%5C", "%25"] {
+        assert!(!upper.contains(refused), "{normal:?} contains {refused}");
+    }
+    assert!(normal.bytes().all(|byte| byte.is_ascii_graphic()), "{normal:?} has an invisible byte");
+    let rebuilt = http::uri::PathAndQuery::try_from(normal.as_str());
+    assert_eq!(rebuilt.map(|path| path.path().to_owned()).ok().as_deref(), Some(normal.as_str()));
+}
+
+/// Every `%XX` escape decoded; anything else as it is.
+fn percent_decoded(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escape = bytes.get(at + 1..at + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+        match (bytes[at], escape.and_then(|hex| u8::from_str_radix(hex, 16).ok())) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                at += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                at += 1;
+            }
+        }
+    }
+    decoded
+}

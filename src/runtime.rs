@@ -6,11 +6,7 @@ use std::sync::Arc;
 
 use crate::{
     auth::KeyTable,
-    cache::{
-        CacheStore,
-        memory::{DEFAULT_MAX_ENTRY_DIVISOR, MemoryStore},
-        tiered::TieredStore,
-    },
+    cache::ResponseCache,
     config::Config,
     error::StartupError,
     limit::{
@@ -33,7 +29,7 @@ pub struct Runtime {
     /// Kept across reloads: buckets of keys whose limits did not change live on.
     local_limiter: Arc<LocalLimiter>,
     /// `None` when `cache.enabled = false`.
-    pub cache: Option<Arc<dyn CacheStore>>,
+    pub cache: Option<Arc<ResponseCache>>,
     /// Distributed mode's connection; `None` without `[redis] url`.
     pub redis: Option<Arc<RedisLink>>,
 }
@@ -53,7 +49,7 @@ impl Runtime {
     pub fn with_state(
         config: Config,
         local_limiter: Arc<LocalLimiter>,
-        cache: Option<Arc<dyn CacheStore>>,
+        cache: Option<Arc<ResponseCache>>,
         redis: Option<Arc<RedisLink>>,
     ) -> Result<Self, StartupError> {
         let shared_limits =
@@ -103,13 +99,10 @@ impl Runtime {
 
     /// The cache `config` asks for: none, memory, or memory over Redis (`[redis]
     /// cache = true` with a link).
-    fn cache_for(config: &Config, redis: Option<&Arc<RedisLink>>) -> Option<Arc<dyn CacheStore>> {
+    fn cache_for(config: &Config, redis: Option<&Arc<RedisLink>>) -> Option<Arc<ResponseCache>> {
         config.cache.enabled.then(|| {
-            let memory = MemoryStore::new(config.cache.max_size.as_u64(), DEFAULT_MAX_ENTRY_DIVISOR);
-            match shared_cache_link(config, redis) {
-                Some(link) => Arc::new(TieredStore::new(memory, link.clone())) as Arc<dyn CacheStore>,
-                None => Arc::new(memory),
-            }
+            let shared = shared_cache_link(config, redis).cloned();
+            Arc::new(ResponseCache::new(config.cache.max_size.as_u64(), shared))
         })
     }
 }

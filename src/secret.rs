@@ -87,33 +87,43 @@ impl fmt::Debug for KeyHash {
 /// The name of a caller key in logs and metrics: a configured `id`, or the first 8 hex
 /// digits of a passthrough key's hash. Never a key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(std::sync::Arc<str>);
+pub struct KeyId {
+    name: std::sync::Arc<str>,
+    /// A presented key's hash prefix: any caller can make new ones.
+    presented: bool,
+}
 
 impl KeyId {
+    /// A configured `id`.
     pub fn new(id: &str) -> Self {
-        Self(id.into())
+        Self { name: id.into(), presented: false }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
+    }
+
+    /// Whether this names a presented passthrough key, not a configured one.
+    pub fn is_presented(&self) -> bool {
+        self.presented
     }
 }
 
 impl From<&KeyHash> for KeyId {
     fn from(hash: &KeyHash) -> Self {
-        Self(hash.short().into())
+        Self { name: hash.short().into(), presented: true }
     }
 }
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.name)
     }
 }
 
 impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({})", self.0)
+        write!(f, "KeyId({})", self.name)
     }
 }
 

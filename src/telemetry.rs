@@ -43,7 +43,11 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<Telemetry, String>
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    // Colour codes only for a person at a terminal, never in a file or a collector's
+    // pipe; `NO_COLOR` (no-color.org) turns them off there too.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stdout).with_ansi(colour);
     let lines: BoxedLayer = match format {
         LogFormat::Json => {
             lines.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()

@@ -21,7 +21,7 @@ pub use canonical::{CanonicalError, MAX_DEPTH, canonical_json};
 
 /// Names and versions the key layout; change it whenever the encoding changes, so
 /// that entries written with an older layout (in a shared tier) are never found.
-const LAYOUT: &[u8] = b"spillway cache key v1\0";
+const LAYOUT: &[u8] = b"spillway cache key v2\0";
 
 /// Scope tags: one per kind of namespace.
 const SCOPE_GLOBAL: u8 = 0;
@@ -51,6 +51,13 @@ impl CacheKey {
             Scope::Key(BucketKey::Presented(hash)) => {
                 hasher.update([SCOPE_PRESENTED]);
                 hasher.update(hash.as_bytes());
+            }
+        }
+        match &identity.account {
+            None => hasher.update([0]),
+            Some(account) => {
+                hasher.update([1]);
+                field(&mut hasher, account.as_bytes());
             }
         }
         field(&mut hasher, identity.method.as_str().as_bytes());
@@ -96,8 +103,14 @@ mod tests {
 
     fn key(scope: Scope, method: Method, path: &str, stream: bool, body: &str) -> CacheKey {
         let canonical = canonical_json(body.as_bytes()).expect("valid JSON");
-        let identity =
-            RequestIdentity { scope, method, path: path.to_owned(), stream, body_len: canonical.len() };
+        let identity = RequestIdentity {
+            scope,
+            account: None,
+            method,
+            path: path.into(),
+            stream,
+            body_len: canonical.len(),
+        };
         CacheKey::new(&identity, &canonical)
     }
 

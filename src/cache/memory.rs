@@ -1,20 +1,18 @@
 //! The in-memory cache tier: a [`moka::future::Cache`] bounded by bytes, each entry
 //! living for its own time to live.
 //!
-//! Entries are weighed by [`CachedResponse::weight`] against `cache.max_size`; an
-//! entry heavier than a set share of the whole cache is not stored at all, so one
-//! large response can never flush everything else. When full, moka's TinyLFU policy
-//! admits a new entry only if it is likely to be used more than the ones it would
-//! evict. The bytes held are reported in the [`BYTES_METRIC`] gauge, kept from the
-//! puts and removals themselves (moka's own count lags behind until its next
-//! maintenance run). An expired entry is never returned, but it keeps its bytes
-//! until moka's maintenance removes it (its timer wheel ticks about once a second,
-//! and maintenance runs with cache activity). What to store, for how long, and
-//! coalescing belong to the cache stage; this store never fails (`Unavailable` is
-//! for remote tiers).
+//! Entries are weighed by [`CachedResponse::weight`] against the tier's capacity
+//! (its share of `cache.max_size`, see [`super::ResponseCache`]); an entry heavier
+//! than a set bound is not stored at all, so one large response can never flush
+//! everything else. When full, the least recently used entries go first. The bytes
+//! held are reported in the [`BYTES_METRIC`] gauge, kept from the puts and removals
+//! themselves (moka's own count lags behind until its next maintenance run). An
+//! expired entry is never returned, but it keeps its bytes until moka's maintenance
+//! removes it (its timer wheel ticks about once a second, and maintenance runs with
+//! cache activity). What to store, for how long, and coalescing belong to the cache
+//! stage; this store never fails (`Unavailable` is for remote tiers).
 
 use std::{
-    num::NonZeroU64,
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering::Relaxed},
@@ -31,9 +29,6 @@ use crate::limit::Unavailable;
 /// Gauge of the bytes (by [`CachedResponse::weight`]) the memory tier holds.
 pub const BYTES_METRIC: &str = "spillway_cache_bytes";
 
-/// By default an entry may take at most 1/8 of the cache.
-pub const DEFAULT_MAX_ENTRY_DIVISOR: NonZeroU64 = NonZeroU64::new(8).unwrap();
-
 /// Responses kept in process memory.
 pub struct MemoryStore {
     cache: Cache<CacheKey, Arc<CachedResponse>>,
@@ -49,13 +44,13 @@ struct EntryTtl;
 // === impl MemoryStore ===
 
 impl MemoryStore {
-    /// A store holding at most `max_size_bytes` (by weight), in which no entry may
-    /// weigh more than `max_size_bytes / max_entry_divisor`.
-    pub fn new(max_size_bytes: u64, max_entry_divisor: NonZeroU64) -> Self {
+    /// A store holding at most `capacity` bytes (by weight), in which no entry may
+    /// weigh more than `max_entry_weight`.
+    pub fn new(capacity: u64, max_entry_weight: u32) -> Self {
         let held = Arc::new(AtomicI64::new(0));
         let removed = Arc::clone(&held);
         let cache = Cache::builder()
-            .max_capacity(max_size_bytes)
+            .max_capacity(capacity)
             // Least recently used goes first, and a new response is always kept: under
             // TinyLFU a fresh entry may be refused, and then coalesced waiters would
             // find nothing and all go upstream.
@@ -67,7 +62,6 @@ impl MemoryStore {
                 report(&removed);
             })
             .build();
-        let max_entry_weight = u32::try_from(max_size_bytes / max_entry_divisor).unwrap_or(u32::MAX);
         Self { cache, max_entry_weight, held }
     }
 
@@ -158,18 +152,19 @@ impl Expiry<CacheKey, Arc<CachedResponse>> for EntryTtl {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use http::{HeaderMap, Method, StatusCode};
+    use http::{Method, StatusCode};
 
     use super::*;
-    use crate::cache::{CachedBody, RequestIdentity, Scope};
+    use crate::cache::{CachedBody, RequestIdentity, Scope, StoredHeaders};
 
     const KIB: u64 = 1024;
 
     fn identity() -> RequestIdentity {
         RequestIdentity {
             scope: Scope::Global,
+            account: None,
             method: Method::POST,
-            path: "/v1/chat/completions".to_owned(),
+            path: "/v1/chat/completions".into(),
             stream: false,
             body_len: 2,
         }
@@ -183,7 +178,7 @@ mod tests {
         Arc::new(CachedResponse {
             identity: identity(),
             status: StatusCode::OK,
-            headers: HeaderMap::new(),
+            headers: StoredHeaders::default(),
             body: CachedBody::Full(Bytes::from(vec![b'x'; body_bytes])),
             ttl,
         })
@@ -193,7 +188,7 @@ mod tests {
 
     #[tokio::test]
     async fn returns_what_was_put() {
-        let store = MemoryStore::new(KIB * KIB, DEFAULT_MAX_ENTRY_DIVISOR);
+        let store = MemoryStore::new(KIB * KIB, 128 * 1024);
         let first = response(100, HOUR);
         store.put(key(1), Arc::clone(&first)).await.expect("memory never fails");
         let found = store.get(&key(1)).await.expect("memory never fails").expect("a hit");
@@ -214,7 +209,7 @@ mod tests {
     #[tokio::test]
     async fn each_entry_expires_after_its_own_ttl() {
         let short = Duration::from_millis(200);
-        let store = MemoryStore::new(KIB * KIB, DEFAULT_MAX_ENTRY_DIVISOR);
+        let store = MemoryStore::new(KIB * KIB, 128 * 1024);
         let start = tokio::time::Instant::now();
         store.put(key(1), response(10, short)).await.expect("memory never fails");
         store.put(key(2), response(10, HOUR)).await.expect("memory never fails");
@@ -239,7 +234,7 @@ mod tests {
     #[tokio::test]
     async fn stays_within_its_size_by_evicting() {
         let max_size = 64 * KIB;
-        let store = MemoryStore::new(max_size, DEFAULT_MAX_ENTRY_DIVISOR);
+        let store = MemoryStore::new(max_size, 8 * 1024);
         for n in 0..100 {
             store.put(key(n), response(4 * KIB as usize, HOUR)).await.expect("memory never fails");
         }
@@ -252,7 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn does_not_store_an_entry_over_its_share() {
-        let store = MemoryStore::new(64 * KIB, DEFAULT_MAX_ENTRY_DIVISOR);
+        let store = MemoryStore::new(64 * KIB, 8 * 1024);
         assert_eq!(store.max_entry_weight(), 8 * 1024);
         let overhead = response(0, HOUR).weight();
         let largest = response(8 * KIB as usize - overhead, HOUR);

@@ -61,12 +61,18 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// A client must send a request's whole head within this (slowloris).
     pub header_read_timeout: Duration,
+    /// The longest wait for the next piece of a request body (nginx's
+    /// `client_body_timeout`); the whole body is also bound by `request_timeout`.
+    pub body_read_timeout: Duration,
     /// Largest request head accepted (HTTP/1.1 buffer, h2 header list).
     pub max_header_size: ByteSize,
     /// Connections open at once; more are closed as they arrive.
     pub max_connections: NonZeroU32,
     /// A connection with no request in flight for this long is closed (HTTP/2 too).
     pub idle_timeout: Duration,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` / `Forwarded` entries
+    /// are believed (counted from the right); the rest of what a client wrote is dropped.
+    pub trusted_proxy_hops: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +147,12 @@ pub struct UpstreamConfig {
     /// Per attempt, until the response head.
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Sent as `openai-organization` / `openai-project` in place of the caller's.
+    pub organization: Option<String>,
+    pub project: Option<String>,
+    /// Whether the caller's own `openai-organization` / `openai-project` may go
+    /// upstream next to this upstream's `api_key` (they pick who is billed).
+    pub forward_caller_org: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -73,9 +73,11 @@ pub(crate) struct RawServer {
     pub shutdown_grace: Spanned<String>,
     pub tls: Option<Spanned<RawTls>>,
     pub header_read_timeout: Spanned<String>,
+    pub body_read_timeout: Spanned<String>,
     pub max_header_size: Spanned<String>,
     pub max_connections: Spanned<i64>,
     pub idle_timeout: Spanned<String>,
+    pub trusted_proxy_hops: Spanned<i64>,
 }
 
 impl Default for RawServer {
@@ -88,9 +90,11 @@ impl Default for RawServer {
             shutdown_grace: builtin("30s"),
             tls: None,
             header_read_timeout: builtin("30s"),
+            body_read_timeout: builtin("60s"),
             max_header_size: builtin("64KiB"),
             max_connections: builtin(10_000),
             idle_timeout: builtin("3m"),
+            trusted_proxy_hops: builtin(0),
         }
     }
 }
@@ -181,6 +185,9 @@ pub(crate) struct RawUpstream {
     pub connect_timeout: Spanned<String>,
     pub timeout: Spanned<String>,
     pub ca_file: Option<Spanned<String>>,
+    pub organization: Option<Spanned<String>>,
+    pub project: Option<Spanned<String>>,
+    pub forward_caller_org: bool,
 }
 
 impl Default for RawUpstream {
@@ -194,6 +201,9 @@ impl Default for RawUpstream {
             connect_timeout: builtin("5s"),
             timeout: builtin("120s"),
             ca_file: None,
+            organization: None,
+            project: None,
+            forward_caller_org: false,
         }
     }
 }

@@ -45,6 +45,7 @@ fn defaults_are_the_documented_values() {
     assert_eq!(config.server.admin_listen, Some("127.0.0.1:9464".parse().unwrap()));
     assert_eq!(config.server.max_request_body, ByteSize(16 << 20));
     assert_eq!(config.server.request_timeout, Duration::from_secs(600));
+    assert_eq!(config.server.body_read_timeout, Duration::from_secs(60));
     assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
     assert_eq!(config.server.tls, None);
     assert_eq!(config.auth, AuthMode::Passthrough);

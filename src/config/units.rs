@@ -2,7 +2,8 @@
 //! (`"250ms"`, `"10m"`).
 //!
 //! This module owns parsing and printing those strings; which values are allowed
-//! for which setting (e.g. "greater than zero") is decided in `validate`.
+//! for which setting (e.g. "greater than zero", "at most 7 days") is decided in
+//! `validate`.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -15,7 +16,8 @@ use std::{fmt, str::FromStr, time::Duration};
 pub struct ByteSize(pub u64);
 
 /// Units `Display` may use, largest first within each family.
-const UNITS: [(&str, u64); 8] = [
+const UNITS: [(&str, u64); 9] = [
+    ("TiB", 1 << 40),
     ("GiB", 1 << 30),
     ("MiB", 1 << 20),
     ("KiB", 1 << 10),
@@ -66,6 +68,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|_| format!("not a valid duration: {text:?}"))
 }
 
+/// Prints a duration as config text in the largest unit that divides it (`"7d"`,
+/// `"90s"`, `"250ms"`), so it parses back to the same value.
+pub fn format_duration(duration: Duration) -> String {
+    const UNITS: [(&str, u128); 6] = [
+        ("d", 86_400_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+    ];
+    let nanos = duration.as_nanos();
+    match UNITS.iter().find(|(_, factor)| nanos != 0 && nanos.is_multiple_of(*factor)) {
+        Some((unit, factor)) => format!("{}{unit}", nanos / factor),
+        None => format!("{nanos}ns"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +117,7 @@ mod tests {
     fn sizes_print_exactly_and_round_trip() {
         for (bytes, text) in [
             (16 << 20, "16MiB"),
+            (1 << 40, "1TiB"),
             (256 << 20, "256MiB"),
             (10_000_000, "10MB"),
             (3072, "3KiB"),
@@ -118,5 +139,23 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("ten minutes"), Err(r#"not a valid duration: "ten minutes""#.to_string()));
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn durations_print_exactly_and_round_trip() {
+        for (duration, text) in [
+            (Duration::from_secs(7 * 86_400), "7d"),
+            (Duration::from_secs(365 * 86_400), "365d"),
+            (Duration::from_secs(3600), "1h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(60), "1m"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_micros(1500), "1500us"),
+            (Duration::from_nanos(7), "7ns"),
+            (Duration::ZERO, "0ns"),
+        ] {
+            assert_eq!(format_duration(duration), text);
+            assert_eq!(parse_duration(text), Ok(duration));
+        }
     }
 }

@@ -2,6 +2,9 @@
 //!
 //! Each check reports through [`Checker`] and yields `None` for a bad value, so one
 //! run finds every error; a section is built only when all of its values are good.
+//! Every duration and size has a maximum (below), so that no arithmetic the request
+//! path does on a setting (a deadline `Instant`, a backoff, a buffer limit) can
+//! overflow.
 //! Relative file paths (`ca_file`, `server.tls`) are resolved from the config file's
 //! directory and must name a readable file, since `spillway check` is what operators
 //! run before deploying. This module does not read the config file or know TOML.
@@ -18,6 +21,9 @@ use std::{
     time::Duration,
 };
 
+/// More proxies than this in front of one gateway is a mistake, not a topology.
+const MAX_PROXY_HOPS: u32 = 16;
+
 use globset::{GlobBuilder, GlobSetBuilder};
 use http::StatusCode;
 use toml::Spanned;
@@ -27,10 +33,26 @@ use super::{
     RetryConfig, ServerConfig, TlsFiles,
     diagnostic::{Diagnostic, Locator, did_you_mean},
     raw::{RawCache, RawConfig, RawLimitSpec, RawLimits, RawRedis, RawRetry, RawServer, is_default},
-    units::parse_duration,
+    units::{format_duration, parse_duration},
 };
 
 pub use entries::parse_base_url;
+
+// The largest value of each duration and size setting (README, "Bounds"): far beyond
+// any sensible deployment, and far below where arithmetic on them overflows. Durations:
+// `redis.timeout` (one call a request may wait on) a minute; connection timeouts and
+// retry delays a day; a whole request, an upstream attempt and a drain a week; the
+// cache's ttl 365 days (humantime's "1y" is 365.25 days).
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+/// `max_header_size`: a request head (HTTP/1.1 buffer, HTTP/2 header list).
+const MAX_HEADER_SIZE: ByteSize = ByteSize(1 << 20);
+/// `max_request_body`: a JSON body is held in memory whole.
+const MAX_REQUEST_BODY: ByteSize = ByteSize(4 << 30);
+/// `[cache] max_size`: held in memory.
+const MAX_CACHE_SIZE: ByteSize = ByteSize(1 << 40);
 
 /// Checks `raw` and builds the validated [`Config`], or returns every problem.
 /// `base_dir` is where relative file paths are resolved from.
@@ -112,8 +134,19 @@ impl Checker<'_> {
         parsed
     }
 
-    fn duration(&mut self, field: &str, value: &Spanned<String>, zero_ok: bool) -> Option<Duration> {
+    /// A duration up to `max`, and longer than 0 unless `zero_ok`.
+    fn duration(
+        &mut self,
+        field: &str,
+        value: &Spanned<String>,
+        zero_ok: bool,
+        max: Duration,
+    ) -> Option<Duration> {
         match parse_duration(value.get_ref()) {
+            Ok(duration) if duration > max => {
+                let hint = format!("the maximum is \"{}\"", format_duration(max));
+                self.fail(value, format!("`{field}` is too long: {:?}", value.get_ref()), &hint)
+            }
             Ok(duration) if zero_ok || !duration.is_zero() => Some(duration),
             Ok(_) => self.fail(value, format!("`{field}` must be longer than 0"), ""),
             Err(message) => {
@@ -122,8 +155,13 @@ impl Checker<'_> {
         }
     }
 
-    fn size(&mut self, field: &str, value: &Spanned<String>) -> Option<ByteSize> {
+    /// A size greater than 0 and up to `max`.
+    fn size(&mut self, field: &str, value: &Spanned<String>, max: ByteSize) -> Option<ByteSize> {
         match value.get_ref().parse::<ByteSize>() {
+            Ok(size) if size > max => {
+                let hint = format!("the maximum is \"{max}\"");
+                self.fail(value, format!("`{field}` is too large: {:?}", value.get_ref()), &hint)
+            }
             Ok(size) if size.as_u64() > 0 => Some(size),
             Ok(_) => self.fail(value, format!("`{field}` must be greater than 0"), ""),
             Err(message) => {
@@ -215,9 +253,9 @@ impl Checker<'_> {
                 "use another port, or \"\" to disable the admin listener",
             );
         }
-        let max_request_body = self.size("max_request_body", &raw.max_request_body);
-        let request_timeout = self.duration("request_timeout", &raw.request_timeout, false);
-        let shutdown_grace = self.duration("shutdown_grace", &raw.shutdown_grace, true);
+        let max_request_body = self.size("max_request_body", &raw.max_request_body, MAX_REQUEST_BODY);
+        let request_timeout = self.duration("request_timeout", &raw.request_timeout, false, WEEK);
+        let shutdown_grace = self.duration("shutdown_grace", &raw.shutdown_grace, true, WEEK);
         let tls = match &raw.tls {
             None => Some(None),
             Some(tls) => match (&tls.get_ref().cert, &tls.get_ref().key) {
@@ -228,12 +266,21 @@ impl Checker<'_> {
                 _ => self.fail(tls, "server.tls needs both `cert` and `key`", ""),
             },
         };
-        let header_read_timeout = self.duration("header_read_timeout", &raw.header_read_timeout, false);
-        let max_header_size = self.size("max_header_size", &raw.max_header_size);
+        let header_read_timeout = self.duration("header_read_timeout", &raw.header_read_timeout, false, DAY);
+        let body_read_timeout = self.duration("body_read_timeout", &raw.body_read_timeout, false, DAY);
+        let max_header_size = self.size("max_header_size", &raw.max_header_size, MAX_HEADER_SIZE);
         let max_connections = self.count("max_connections", &raw.max_connections);
-        let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false);
+        let idle_timeout = self.duration("idle_timeout", &raw.idle_timeout, false, DAY);
+        let hops = &raw.trusted_proxy_hops;
+        let trusted_proxy_hops =
+            match u32::try_from(*hops.get_ref()).ok().filter(|hops| *hops <= MAX_PROXY_HOPS) {
+                Some(hops) => Some(hops),
+                None => self.fail(hops, format!("`trusted_proxy_hops` must be 0 to {MAX_PROXY_HOPS}"), ""),
+            };
         Some(ServerConfig {
+            trusted_proxy_hops: trusted_proxy_hops?,
             header_read_timeout: header_read_timeout?,
+            body_read_timeout: body_read_timeout?,
             max_header_size: max_header_size?,
             max_connections: max_connections?,
             idle_timeout: idle_timeout?,
@@ -324,8 +371,8 @@ impl Checker<'_> {
 
     fn retry(&mut self, raw: &RawRetry) -> Option<RetryConfig> {
         let max_attempts = self.count("max_attempts", &raw.max_attempts);
-        let base_delay = self.duration("base_delay", &raw.base_delay, true);
-        let max_delay = self.duration("max_delay", &raw.max_delay, true);
+        let base_delay = self.duration("base_delay", &raw.base_delay, true, DAY);
+        let max_delay = self.duration("max_delay", &raw.max_delay, true, DAY);
         if let (Some(base), Some(max)) = (base_delay, max_delay)
             && base > max
         {
@@ -369,8 +416,8 @@ impl Checker<'_> {
     }
 
     fn cache(&mut self, raw: &RawCache) -> Option<CacheConfig> {
-        let max_size = self.size("max_size", &raw.max_size);
-        let ttl = self.duration("ttl", &raw.ttl, false);
+        let max_size = self.size("max_size", &raw.max_size, MAX_CACHE_SIZE);
+        let ttl = self.duration("ttl", &raw.ttl, false, YEAR);
         let scope = self.choice("cache.scope", &raw.scope, &["key", "global"]).map(|scope| match scope {
             "global" => CacheScope::Global,
             _ => CacheScope::Key,
@@ -394,7 +441,7 @@ impl Checker<'_> {
 
     /// `None` inside when no `url` is set: no Redis.
     fn redis(&mut self, raw: &RawRedis) -> Option<Option<RedisConfig>> {
-        let timeout = self.duration("redis timeout", &raw.timeout, false);
+        let timeout = self.duration("redis timeout", &raw.timeout, false, MINUTE);
         let Some(url) = &raw.url else { return Some(None) };
         let text = url.get_ref().0.expose();
         let rest = text.strip_prefix("redis://").or_else(|| text.strip_prefix("rediss://"));

@@ -19,6 +19,43 @@ use serde::{
 };
 use serde_json::value::RawValue;
 
+/// The endpoints whose JSON body the gateway must read: the model calls it routes,
+/// allowlists and meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelEndpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+    Moderations,
+    ImagesGenerations,
+    AudioSpeech,
+}
+
+impl ModelEndpoint {
+    const PATHS: [(&'static str, Self); 7] = [
+        ("/v1/chat/completions", Self::ChatCompletions),
+        ("/v1/completions", Self::Completions),
+        ("/v1/embeddings", Self::Embeddings),
+        ("/v1/responses", Self::Responses),
+        ("/v1/moderations", Self::Moderations),
+        ("/v1/images/generations", Self::ImagesGenerations),
+        ("/v1/audio/speech", Self::AudioSpeech),
+    ];
+
+    /// The endpoint a `POST` to `path` (already in normal form) calls. Matched ignoring
+    /// ASCII case, since some upstreams route that way: a spelling the gateway would
+    /// not recognise must not reach one of them unread.
+    pub fn of(path: &str) -> Option<Self> {
+        Self::PATHS.iter().find(|(known, _)| known.eq_ignore_ascii_case(path)).map(|(_, endpoint)| *endpoint)
+    }
+
+    /// Streams of this endpoint take `stream_options.include_usage`.
+    pub fn streams_usage(self) -> bool {
+        matches!(self, Self::ChatCompletions | Self::Completions)
+    }
+}
+
 /// What a JSON request body says about the call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallSummary {

@@ -3,9 +3,9 @@
 //! [`EventFramer`] splits a byte stream into Server-Sent Events wherever its frames
 //! happen to be cut; [`StreamWatch`] sits on a chat/completions or completions stream,
 //! records what the gateway needs to know about it (final usage, completion text,
-//! `[DONE]`, finish reason, errors) and, when asked, strips the usage-only chunk the
-//! gateway requested on the client's behalf. Frames pass through uncopied unless a
-//! chunk is stripped from them.
+//! `[DONE]`, finish reason, errors, data it could not read) and, when asked, strips
+//! the usage-only chunk the gateway requested on the client's behalf. Frames pass
+//! through uncopied unless a chunk is stripped from them.
 //!
 //! What the records mean for limits and caching is decided elsewhere; the Responses
 //! API's typed events (`response.completed`) are not read here.
@@ -41,7 +41,10 @@ pub struct StreamWatch {
     finish_reason: Option<Box<str>>,
     content_filtered: bool,
     error: bool,
+    malformed: bool,
     gave_up: bool,
+    /// Records no completion text (the cache's watch, which only needs the outcome).
+    textless: bool,
 }
 
 impl StreamWatch {
@@ -49,6 +52,12 @@ impl StreamWatch {
     /// usage-only chunk must not reach the client.
     pub fn new(strip_usage_chunk: bool) -> Self {
         Self { strip_usage_chunk, ..Self::default() }
+    }
+
+    /// A watch that records how the stream goes (`[DONE]`, errors, finish reasons,
+    /// unreadable data) but no completion text, and strips nothing.
+    pub fn outcome_only() -> Self {
+        Self { textless: true, ..Self::default() }
     }
 
     /// Reads one frame and returns what to send the client for it. Without stripping
@@ -157,6 +166,11 @@ impl StreamWatch {
         self.error
     }
 
+    /// Some event's data was neither `[DONE]` nor a JSON chunk the watch could read.
+    pub fn malformed(&self) -> bool {
+        self.malformed
+    }
+
     /// An event grew past [`MAX_EVENT_BYTES`]: the stream was passed through unread
     /// from there on, so the other records are incomplete.
     pub fn gave_up(&self) -> bool {
@@ -182,7 +196,10 @@ impl StreamWatch {
             self.done = true;
             return false;
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else { return false };
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else {
+            self.malformed = true;
+            return false;
+        };
         self.error |= chunk.error.is_some();
         let choices = chunk.choices.unwrap_or_default();
         for choice in &choices {
@@ -202,6 +219,9 @@ impl StreamWatch {
     }
 
     fn keep_text(&mut self, text: &str) {
+        if self.textless {
+            return;
+        }
         self.text_bytes = self.text_bytes.saturating_add(text.len() as u64);
         let mut end = KEPT_TEXT_BYTES.saturating_sub(self.text.len()).min(text.len());
         while !text.is_char_boundary(end) {
@@ -391,6 +411,29 @@ mod tests {
     }
 
     #[test]
+    fn flags_data_that_is_not_a_chunk() {
+        let mut watch = StreamWatch::new(false);
+        watch.relay(Bytes::from_static(b": keep-alive\n\nevent: ping\n\ndata: {\"choices\":[]}\n\n"));
+        assert!(!watch.malformed(), "comments, data-less events and chunks are fine");
+        watch.relay(Bytes::from_static(b"data: {\"choices\":[{\"delta\":\n\n"));
+        assert!(watch.malformed());
+
+        let mut watch = StreamWatch::new(false);
+        watch.relay(Bytes::from_static(b"data: <html>502 Bad Gateway</html>\n\ndata: [DONE]\n\n"));
+        assert!(watch.malformed() && watch.done());
+    }
+
+    #[test]
+    fn an_outcome_only_watch_keeps_no_text_and_strips_nothing() {
+        let stream = Stream::new(&deltas(&["Hel", "lo"]), "\n\n", Some("stop"), true, true);
+        let frame = Bytes::from(stream.bytes);
+        let mut watch = StreamWatch::outcome_only();
+        assert_eq!(watch.relay(frame.clone()), frame);
+        assert_eq!(watch.completion_text(), "");
+        assert_eq!((watch.done(), watch.finish_reason(), watch.malformed()), (true, Some("stop"), false));
+    }
+
+    #[test]
     fn finish_flushes_an_unterminated_event() {
         let mut watch = StreamWatch::new(true);
         assert!(watch.relay(Bytes::from_static(b"data: [DONE]")).is_empty());
@@ -444,7 +487,7 @@ mod tests {
             prop_assert_eq!(watch.done(), stream.done);
             prop_assert_eq!(watch.finish_reason(), stream.finish_reason);
             prop_assert_eq!(watch.content_filtered(), stream.finish_reason == Some("content_filter"));
-            prop_assert!(!watch.error());
+            prop_assert!(!watch.error() && !watch.malformed());
         }
     }
 }

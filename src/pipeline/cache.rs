@@ -2,22 +2,31 @@
 //!
 //! For a request on `cache.paths` with a JSON body, the key is the caller's scope,
 //! method, path and query, stream flag and the body's canonical JSON (`cache::key`).
-//! A hit is replayed from the store (a stream as its recorded frames); a miss goes
-//! on, and its response is captured frame by frame as it is relayed (no added
-//! latency) and stored once it completed: a 200, and for a stream one that reached
-//! `data: [DONE]` without an error or a `content_filter` finish. A cut, failed or
-//! refused response is never stored.
+//! A hit is replayed from the store (a stream as its recorded bytes); a miss goes on,
+//! and its response is recorded as it is relayed (no added latency) and stored once
+//! it completed: a 200 whose body is valid JSON, or a stream that reached
+//! `data: [DONE]` and whose every event's data is a chunk the stream watch could read,
+//! without an error or a `content_filter` finish. A cut, failed, refused or
+//! unreadable response is never stored.
+//!
+//! A recording copies each frame into one growing buffer of its own (keeping the
+//! relayed frames would keep hyper's whole read buffers alive), paid for from the
+//! cache's [`RecordingBudget`](crate::cache::RecordingBudget), which every recording
+//! in flight shares. A recording that would not fit in it, outgrows the largest
+//! entry, or turns out unstorable (a stream error) is dropped at once; the response
+//! still goes to its client.
 //!
 //! Identical misses in flight at once make one upstream call: the first is the
 //! leader; the others wait until its response is complete and stored, then are
 //! answered from the cache (streams too: they get the replay once the leader's stream
 //! completed, not the live stream). If the leader's response is not stored, each
-//! waiter goes upstream on its own; nothing is cached from a failure.
+//! waiter goes upstream on its own as soon as that is known; nothing is cached from a
+//! failure.
 //!
 //! Request controls: `cache-control: no-store` (bypass), `no-cache` (skip the lookup,
-//! refresh the entry), `x-spillway-cache-ttl: SECONDS` (this entry's lifetime; 0 =
-//! do not store). Every response through this stage carries `x-spillway-cache:
-//! hit|miss|bypass`, and the same [`CacheStatus`] in its extensions.
+//! refresh the entry), `x-spillway-cache-ttl: SECONDS` (this entry's lifetime, at most
+//! `cache.ttl`; 0 = do not store). Every response through this stage carries
+//! `x-spillway-cache: hit|miss|bypass`, and the same [`CacheStatus`] in its extensions.
 
 use std::{
     collections::HashMap,
@@ -28,9 +37,10 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
-use http_body::Frame;
+use http_body::{Body, Frame};
 use http_body_util::{BodyExt, StreamBody};
 use parking_lot::Mutex;
+use serde::de::IgnoredAny;
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 
@@ -40,23 +50,18 @@ use super::{
 };
 use crate::{
     cache::{
-        CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Scope, key,
-        memory::DEFAULT_MAX_ENTRY_DIVISOR,
+        CacheKey, CacheStore, CachedBody, CachedResponse, RequestIdentity, Reservation, ResponseCache, Scope,
+        StoredHeaders, key,
     },
     config::{CacheConfig, CacheScope},
     error::{BoxError, GatewayError},
     metrics,
     openai::sse::StreamWatch,
+    upstream::Billing,
 };
 
 const X_SPILLWAY_CACHE: HeaderName = HeaderName::from_static("x-spillway-cache");
 const X_SPILLWAY_CACHE_TTL: HeaderName = HeaderName::from_static("x-spillway-cache-ttl");
-/// Response headers kept with an entry; everything else is per request or per tenant.
-const STORED_HEADERS: [HeaderName; 3] = [
-    header::CONTENT_TYPE,
-    HeaderName::from_static("openai-model"),
-    HeaderName::from_static("openai-version"),
-];
 
 /// What the cache did for a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,15 +83,15 @@ impl CacheStatus {
 
 #[derive(Clone)]
 pub struct CacheLayer {
-    store: Option<Arc<dyn CacheStore>>,
+    cache: Option<Arc<ResponseCache>>,
     settings: Arc<CacheConfig>,
     flights: Arc<Flights>,
 }
 
 impl CacheLayer {
-    /// `store` is `None` when `cache.enabled = false`: every response is a bypass.
-    pub fn new(store: Option<Arc<dyn CacheStore>>, settings: CacheConfig) -> Self {
-        Self { store, settings: Arc::new(settings), flights: Arc::default() }
+    /// `cache` is `None` when `cache.enabled = false`: every response is a bypass.
+    pub fn new(cache: Option<Arc<ResponseCache>>, settings: CacheConfig) -> Self {
+        Self { cache, settings: Arc::new(settings), flights: Arc::default() }
     }
 }
 
@@ -96,7 +101,7 @@ impl<S> Layer<S> for CacheLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Cache {
             inner,
-            store: self.store.clone(),
+            cache: self.cache.clone(),
             settings: self.settings.clone(),
             flights: self.flights.clone(),
         }
@@ -106,7 +111,7 @@ impl<S> Layer<S> for CacheLayer {
 #[derive(Clone)]
 pub struct Cache<S> {
     inner: S,
-    store: Option<Arc<dyn CacheStore>>,
+    cache: Option<Arc<ResponseCache>>,
     settings: Arc<CacheConfig>,
     flights: Arc<Flights>,
 }
@@ -126,14 +131,14 @@ impl<S: ProxyService> Service<ProxyRequest> for Cache<S> {
         let inner = self.inner.clone();
         let flights = self.flights.clone();
         let plan =
-            self.store.clone().and_then(|store| plan(&request, &self.settings).map(|plan| (store, plan)));
+            self.cache.clone().and_then(|cache| plan(&request, &self.settings).map(|plan| (cache, plan)));
         Box::pin(async move {
-            let Some((store, plan)) = plan else {
+            let Some((cache, plan)) = plan else {
                 return Ok(mark(inner.oneshot(request).await?, CacheStatus::Bypass));
             };
             let mut flight = None;
             if plan.lookup {
-                if let Some(hit) = lookup(&*store, &plan).await {
+                if let Some(hit) = lookup(&*cache.store, &plan).await {
                     return Ok(replay(&hit));
                 }
                 match flights.join_or_lead(plan.key) {
@@ -141,7 +146,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Cache<S> {
                     Joined::Wait(mut done) => {
                         // Bounded by the request deadline; then look again.
                         let _ = tokio::time::timeout_at(request.deadline, done.changed()).await;
-                        if let Some(hit) = lookup(&*store, &plan).await {
+                        if let Some(hit) = lookup(&*cache.store, &plan).await {
                             return Ok(replay(&hit));
                         }
                     }
@@ -149,7 +154,7 @@ impl<S: ProxyService> Service<ProxyRequest> for Cache<S> {
             }
             let response = inner.oneshot(request).await?;
             let response = match response.status() == StatusCode::OK && plan.ttl > Duration::ZERO {
-                true => capture(response, store, plan, flight),
+                true => capture(response, &cache, plan, flight),
                 false => response,
             };
             Ok(mark(response, CacheStatus::Miss))
@@ -164,8 +169,6 @@ struct Plan {
     /// False for `cache-control: no-cache`: go upstream, then refresh the entry.
     lookup: bool,
     ttl: Duration,
-    /// Entries larger than this are not captured.
-    max_entry: usize,
 }
 
 /// Whether and how the cache applies to `request`; `None` is a bypass.
@@ -179,8 +182,9 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
     if directives.iter().any(|directive| directive == "no-store") {
         return None;
     }
+    // A client may shorten an entry's life, never lengthen it past `cache.ttl`.
     let ttl = match head.headers.get(X_SPILLWAY_CACHE_TTL).and_then(|value| value.to_str().ok()) {
-        Some(seconds) => Duration::from_secs(seconds.trim().parse().ok()?),
+        Some(seconds) => Duration::from_secs(seconds.trim().parse().ok()?).min(settings.ttl),
         None => settings.ttl,
     };
     let canonical = key::canonical_json(body).ok()?;
@@ -188,8 +192,9 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
         CacheScope::Key => Scope::Key(request.caller.bucket()),
         CacheScope::Global => Scope::Global,
     };
-    let path = head.uri.path_and_query().map_or_else(|| head.uri.path().to_owned(), |path| path.to_string());
+    let path = head.uri.path_and_query().map_or_else(|| head.uri.path(), |path| path.as_str()).into();
     let identity = RequestIdentity {
+        account: account(request, &scope),
         scope,
         method: head.method.clone(),
         path,
@@ -201,9 +206,24 @@ fn plan(request: &ProxyRequest, settings: &CacheConfig) -> Option<Plan> {
         identity,
         lookup: !directives.iter().any(|directive| directive == "no-cache"),
         ttl,
-        max_entry: usize::try_from(settings.max_size.as_u64() / DEFAULT_MAX_ENTRY_DIVISOR)
-            .unwrap_or(usize::MAX),
     })
+}
+
+/// The account a passthrough caller's own key bills, as it chose with the OpenAI
+/// headers: part of a key's scope, since one key may answer for several accounts.
+/// `None` when the caller's key does not go upstream (its choice is dropped there) or
+/// the scope is global.
+fn account(request: &ProxyRequest, scope: &Scope) -> Option<Box<str>> {
+    if !request.caller.forwards_own_key || *scope == Scope::Global {
+        return None;
+    }
+    let header = |name| request.head.headers.get(name).and_then(|value: &HeaderValue| value.to_str().ok());
+    let (organization, project) = (header(Billing::ORGANIZATION), header(Billing::PROJECT));
+    if organization.is_none() && project.is_none() {
+        return None;
+    }
+    let account = format!("organization={} project={}", organization.unwrap_or(""), project.unwrap_or(""));
+    Some(account.into())
 }
 
 /// The request's `cache-control` directives, lower-cased.
@@ -241,21 +261,24 @@ fn mark(mut response: GatewayResponse, status: CacheStatus) -> GatewayResponse {
 fn replay(entry: &CachedResponse) -> GatewayResponse {
     let body: ResponseBody = match &entry.body {
         CachedBody::Full(bytes) => respond::full(bytes.clone()),
-        CachedBody::Events(frames) => {
-            let frames = frames.clone().into_iter().map(|frame| Ok::<_, BoxError>(Frame::data(frame)));
-            StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+        // A stream stays a stream (no length): its events in one frame.
+        CachedBody::Events(bytes) => {
+            let frame = Ok::<_, BoxError>(Frame::data(bytes.clone()));
+            StreamBody::new(futures_util::stream::iter([frame])).boxed_unsync()
         }
     };
     let mut response = Response::new(body);
     *response.status_mut() = entry.status;
-    *response.headers_mut() = entry.headers.clone();
+    *response.headers_mut() = entry.headers.to_map();
     mark(response, CacheStatus::Hit)
 }
 
-/// Wraps a cacheable response's body so that it is stored once complete.
+/// Wraps a cacheable response's body so that it is recorded as it goes and stored
+/// once complete. A body announced larger than an entry may be, or than the
+/// recording budget has room for, is not recorded at all.
 fn capture(
     response: GatewayResponse,
-    store: Arc<dyn CacheStore>,
+    cache: &ResponseCache,
     plan: Plan,
     flight: Option<FlightGuard>,
 ) -> GatewayResponse {
@@ -267,40 +290,145 @@ fn capture(
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-    let mut kept = HeaderMap::new();
-    for name in STORED_HEADERS {
-        if let Some(value) = headers.get(&name) {
-            kept.insert(name, value.clone());
-        }
+    // A body of known length gets a buffer of exactly that size at once; a stream's
+    // buffer grows as it arrives.
+    let announced = response.body().size_hint().exact().map(usize::try_from);
+    let capacity = match announced {
+        Some(Ok(len)) if len <= cache.max_entry => len,
+        Some(_) => return response,
+        None => 0,
+    };
+    let mut reservation = Reservation::new(&cache.recordings);
+    if !reservation.grow_to(capacity) {
+        return response;
     }
-    let status = response.status();
-    response.map(|body| {
-        let pending =
-            Pending { store, plan, status, headers: kept, span: tracing::Span::current(), _flight: flight };
-        let watch = stream.then(|| Box::new(StreamWatch::new(false)));
-        Tapped::new(body, Capture { frames: Vec::new(), len: 0, watch, pending: Some(pending) })
-            .boxed_unsync()
-    })
+    let pending = Pending {
+        store: cache.store.clone(),
+        plan,
+        status: response.status(),
+        headers: StoredHeaders::copy_from(headers),
+        span: tracing::Span::current(),
+        _flight: flight,
+    };
+    let recording = Recording {
+        body: Vec::with_capacity(capacity),
+        reservation,
+        max_len: cache.max_entry,
+        watch: stream.then(|| Box::new(StreamWatch::outcome_only())),
+        pending,
+    };
+    response.map(|body| Tapped::new(body, Capture(Some(recording))).boxed_unsync())
 }
 
-/// What is needed to store a captured response, and the flight to land once stored.
+/// Records a response for the cache as it passes to the client; `None` once it is
+/// known not to be stored.
+struct Capture(Option<Recording>);
+
+impl Tap for Capture {
+    fn data(&mut self, data: &Bytes) {
+        if let Some(recording) = &mut self.0
+            && !recording.record(data)
+        {
+            // Dropping it gives its memory back and lets the waiters go now.
+            self.0 = None;
+        }
+    }
+
+    /// A failed or abandoned body is never stored.
+    fn end(self, how: End) {
+        if let (Some(recording), End::Complete) = (self.0, how) {
+            recording.complete();
+        }
+    }
+}
+
+/// One response being recorded.
+struct Recording {
+    /// The body so far, copied out of the relayed frames.
+    body: Vec<u8>,
+    /// What `body`'s buffer takes from the cache's recording budget: its capacity.
+    reservation: Reservation,
+    /// The longest body an entry may have.
+    max_len: usize,
+    /// For streams: how the stream goes.
+    watch: Option<Box<StreamWatch>>,
+    pending: Pending,
+}
+
+impl Recording {
+    /// Copies `data` in. `false` when the response can no longer be stored: longer
+    /// than an entry may be, no room left in the budget, or a stream that failed.
+    fn record(&mut self, data: &Bytes) -> bool {
+        let len = self.body.len() + data.len();
+        if len > self.max_len {
+            return false;
+        }
+        if let Some(watch) = self.watch.as_mut() {
+            watch.relay(data.clone());
+            if spoiled(watch) {
+                return false;
+            }
+        }
+        if len > self.body.capacity() {
+            // Double the buffer, as a `Vec` would; when the budget has no room for
+            // that, grow by just this frame.
+            let doubled = len.max(self.body.capacity() * 2).min(self.max_len);
+            if !self.reservation.grow_to(doubled) && !self.reservation.grow_to(len) {
+                return false;
+            }
+            self.body.reserve_exact(self.reservation.bytes() - self.body.len());
+        }
+        self.body.extend_from_slice(data);
+        true
+    }
+
+    /// The body came to its end: stores it if it is what it claims to be.
+    fn complete(self) {
+        let Recording { body, reservation, watch, pending, .. } = self;
+        let body = match watch {
+            Some(mut watch) => {
+                // An event left without its blank line (`data: [DONE]`, typically).
+                let _ = watch.finish();
+                if !watch.done() || spoiled(&watch) {
+                    return;
+                }
+                CachedBody::Events(compact(body))
+            }
+            None if serde_json::from_slice::<IgnoredAny>(&body).is_ok() => CachedBody::Full(compact(body)),
+            None => return,
+        };
+        pending.store(body, reservation);
+    }
+}
+
+/// A stream that cannot be stored, whatever comes next.
+fn spoiled(watch: &StreamWatch) -> bool {
+    watch.error() || watch.content_filtered() || watch.malformed() || watch.gave_up()
+}
+
+/// `body` in a buffer of exactly its length.
+fn compact(body: Vec<u8>) -> Bytes {
+    match body.len() == body.capacity() {
+        true => Bytes::from(body),
+        false => Bytes::copy_from_slice(&body),
+    }
+}
+
+/// What is needed to store a recorded response, and the flight to land once stored.
 struct Pending {
     store: Arc<dyn CacheStore>,
     plan: Plan,
     status: StatusCode,
-    headers: HeaderMap,
+    headers: StoredHeaders,
     /// The request's span, for the store's log lines.
     span: tracing::Span,
-    /// Dropped after the entry is stored: waiters then find it.
+    /// Dropped after the entry is stored (or known not to be): waiters then go on.
     _flight: Option<FlightGuard>,
 }
 
 impl Pending {
-    fn store(self, frames: Vec<Bytes>, stream: bool) {
-        let body = match stream {
-            true => CachedBody::Events(frames),
-            false => CachedBody::Full(frames.concat().into()),
-        };
+    /// Stores `body`; `reservation` is given back once the store holds the entry.
+    fn store(self, body: CachedBody, reservation: Reservation) {
         let Pending { store, plan, status, headers, span, _flight } = self;
         let entry = CachedResponse { identity: plan.identity, status, headers, body, ttl: plan.ttl };
         // The memory store answers at once; a remote tier finishes in the background.
@@ -308,47 +436,9 @@ impl Pending {
             if let Err(error) = store.put(plan.key, Arc::new(entry)).await {
                 tracing::debug!(%error, "cache store failed; response not cached");
             }
+            drop(reservation);
             drop(_flight);
         });
-    }
-}
-
-/// Records a response for the cache as it passes to the client, and stores it if it
-/// completed cleanly.
-struct Capture {
-    frames: Vec<Bytes>,
-    len: usize,
-    /// For streams: whether it completed cleanly.
-    watch: Option<Box<StreamWatch>>,
-    /// `None` once the response is known not to be stored (too large); dropping it
-    /// lets the waiters go.
-    pending: Option<Pending>,
-}
-
-impl Tap for Capture {
-    fn data(&mut self, data: &Bytes) {
-        let Some(pending) = &self.pending else { return };
-        self.len += data.len();
-        if self.len > pending.plan.max_entry {
-            self.pending = None;
-            self.frames = Vec::new();
-            return;
-        }
-        if let Some(watch) = self.watch.as_mut() {
-            watch.relay(data.clone());
-        }
-        self.frames.push(data.clone());
-    }
-
-    /// A failed or abandoned body is never stored.
-    fn end(self, how: End) {
-        let Some(pending) = self.pending else { return };
-        let clean = self.watch.as_ref().is_none_or(|watch| {
-            watch.done() && !watch.error() && !watch.content_filtered() && !watch.gave_up()
-        });
-        if how == End::Complete && clean {
-            pending.store(self.frames, self.watch.is_some());
-        }
     }
 }
 

@@ -1,8 +1,11 @@
 //! S1 ingress: turns a raw hyper request into a [`ProxyRequest`], or into a gateway
 //! error response.
 //!
-//! The steps are plain functions run in order: check the path, authenticate,
-//! read the body (whole for JSON, up to `max_request_body`; streamed otherwise), parse
+//! The steps are plain functions run in order: check the request's shape (method,
+//! framing, `host`), put the path in its normal form (or refuse a spelling an upstream
+//! could read differently), say who the client is in the forwarding headers,
+//! authenticate, read the body (whole for JSON, up to `max_request_body`; streamed
+//! otherwise; either way within the request deadline and `body_read_timeout`), parse
 //! the fields the gateway needs, authorize the model, and choose candidate upstreams.
 //! Every later stage can rely on what this one established. Errors from here and from
 //! every stage below are turned into responses by `respond`, here, so the stack above
@@ -14,34 +17,30 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
+use bytes::Bytes;
 use http::{Request, header};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use tokio::time::Instant;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service, ServiceExt};
 
 use super::{GatewayResponse, ProxyRequest, ProxyService, RequestBody, observe::Exchange, respond};
 use crate::{
     auth,
     error::{BoxError, GatewayError},
-    openai::CallSummary,
+    openai::{CallSummary, ModelEndpoint},
     runtime::Runtime,
+    upstream::{
+        UpstreamBody,
+        forwarded::{self, ClientAddr},
+        path,
+    },
 };
-
-/// Endpoints whose body is JSON even when the client sends no `content-type`.
-const JSON_ENDPOINTS: [&str; 6] = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/moderations",
-    "/v1/images/generations",
-];
-
-/// Streaming endpoints that take `stream_options.include_usage`.
-const USAGE_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 #[derive(Clone)]
 pub struct IngressLayer {
@@ -103,12 +102,20 @@ async fn proxy_request(
     request: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<ProxyRequest, GatewayError> {
+    check_shape(&request)?;
     let deadline = Instant::now() + runtime.config.server.request_timeout;
-    let (head, body) = request.into_parts();
+    let (mut head, body) = request.into_parts();
+    head.uri = normal_uri(&head.uri)?;
     let path = head.uri.path();
-    if (path != "/v1" && !path.starts_with("/v1/")) || has_dot_segment(path) {
+    if path != "/v1" && !path.starts_with("/v1/") {
         return Err(GatewayError::UnknownPath(path.to_owned()));
     }
+    let endpoint = match head.method {
+        http::Method::POST => ModelEndpoint::of(path),
+        _ => None,
+    };
+    let peer = head.extensions.get::<ClientAddr>().map(|ClientAddr(peer)| peer.ip());
+    forwarded::rewrite(&mut head.headers, peer, runtime.config.server.trusted_proxy_hops);
     let caller = auth::authenticate(&head.headers, runtime.config.auth, &runtime.keys)?;
     exchange.key = Some(caller.id.clone());
 
@@ -116,8 +123,9 @@ async fn proxy_request(
     if declared_length(&head.headers).is_some_and(|length| length > limit.0) {
         return Err(GatewayError::RequestTooLarge { limit });
     }
+    let body = ClientBody::new(body, runtime.config.server.body_read_timeout, deadline);
     let mut strip_usage = false;
-    let (body, call) = if is_json(&head) {
+    let (body, call) = if is_json(&head, endpoint) {
         let mut bytes = read_whole(body, limit).await?;
         // SDKs send a JSON content type on GET and DELETE too, with no body.
         let call = match bytes.is_empty() && head.method != http::Method::POST {
@@ -126,7 +134,7 @@ async fn proxy_request(
         };
         // Token accounting needs a stream's usage: ask for it on the client's behalf,
         // and have it stripped again on the way back.
-        if USAGE_ENDPOINTS.contains(&head.uri.path())
+        if endpoint.is_some_and(ModelEndpoint::streams_usage)
             && let Some(with_usage) = call.with_include_usage(&bytes)
         {
             bytes = with_usage;
@@ -134,15 +142,14 @@ async fn proxy_request(
         }
         (RequestBody::Buffered(bytes), call)
     } else {
-        let streamed = Limited::new(body, limit.as_usize())
-            .map_err(move |error| match error.is::<LengthLimitError>() {
-                true => BoxError::from(GatewayError::RequestTooLarge { limit }),
-                false => error,
-            })
-            .boxed_unsync();
-        (RequestBody::Streaming(Some(streamed)), CallSummary::default())
+        (RequestBody::Streaming(Some(stream_through(body, limit))), CallSummary::default())
     };
     exchange.model = call.model.clone();
+    // A model call without a model would skip the allowlist and the estimate, and the
+    // upstream might still pick one: refused, as OpenAI does.
+    if endpoint.is_some() && call.model.as_deref().is_none_or(str::is_empty) {
+        return Err(GatewayError::MissingModel);
+    }
 
     if let Some(model) = &call.model
         && !caller.may_use(model)
@@ -157,39 +164,150 @@ async fn proxy_request(
 }
 
 /// Whether the body is JSON to read whole: a JSON content type anywhere, and any body
-/// but a multipart one on an endpoint that only takes JSON (so a key's model list
-/// cannot be sidestepped with another content type, and `curl -d` works). Multipart
-/// and binary bodies elsewhere stream through.
-fn is_json(head: &http::request::Parts) -> bool {
+/// to a model endpoint whatever its content type (none of them takes another, and an
+/// upstream may parse it as JSON all the same: a key's model list cannot be sidestepped
+/// with another content type, and `curl -d` works). Other bodies (multipart uploads,
+/// binary) stream through.
+fn is_json(head: &http::request::Parts, endpoint: Option<ModelEndpoint>) -> bool {
     let content_type = head.headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok());
     let essence =
         content_type.unwrap_or_default().split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    let json_only = head.method == http::Method::POST && JSON_ENDPOINTS.contains(&head.uri.path());
-    essence == "application/json"
-        || essence.ends_with("+json")
-        || (json_only && !essence.starts_with("multipart/"))
+    endpoint.is_some() || essence == "application/json" || essence.ends_with("+json")
 }
 
-/// Whether a path has a `.` or `..` segment (also percent-encoded): such a path could
-/// climb out of an upstream's base path once the upstream normalises it.
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+/// The request's URI with its path in the one normal form that every later decision
+/// and the upstream act on ([`path::normalize`]); the query is kept as sent.
+fn normal_uri(uri: &http::Uri) -> Result<http::Uri, GatewayError> {
+    let refused = |reason| GatewayError::InvalidPath { path: uri.path().to_owned(), reason };
+    let path = path::normalize(uri.path()).map_err(refused)?;
+    if path == uri.path() {
+        return Ok(uri.clone());
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        http::uri::PathAndQuery::try_from(path_and_query)
+            .map_err(|_| refused(path::PathError::Unprintable))?,
+    );
+    http::Uri::from_parts(parts).map_err(|_| refused(path::PathError::Unprintable))
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// What a request must look like before anything else reads it: not both
+/// `content-length` and `transfer-encoding`, one `host` header at most and on HTTP/1.1
+/// exactly one (400, as nginx answers); no `CONNECT` or `TRACE` (405): the gateway
+/// relays API calls, not tunnels, and never echoes a request with the caller's
+/// credentials in it.
+fn check_shape<B>(request: &Request<B>) -> Result<(), GatewayError> {
+    if request.extensions().get::<ConflictingLength>().is_some() {
+        return Err(GatewayError::MalformedRequest("both content-length and transfer-encoding are set"));
+    }
+    match request.headers().get_all(header::HOST).iter().count() {
+        0 if request.version() == http::Version::HTTP_11 => {
+            return Err(GatewayError::MalformedRequest("an HTTP/1.1 request needs a host header"));
+        }
+        0 | 1 => {}
+        _ => return Err(GatewayError::MalformedRequest("more than one host header")),
+    }
+    if [http::Method::CONNECT, http::Method::TRACE].contains(request.method()) {
+        return Err(GatewayError::MethodNotAllowed(request.method().clone()));
+    }
+    Ok(())
+}
+
+/// Set on a request by the listener when its HTTP/1.1 head had both `content-length`
+/// and `transfer-encoding`: hyper reads such a body as chunked and drops
+/// `content-length`, so only the raw bytes show it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingLength;
+
 /// Reads a body whole, refusing it as soon as it passes `limit` (the rest is never
-/// read into memory).
-async fn read_whole(body: Incoming, limit: crate::config::ByteSize) -> Result<bytes::Bytes, GatewayError> {
-    let max = limit.as_usize();
-    match Limited::new(body, max).collect().await {
+/// read into memory) or stops arriving in time.
+async fn read_whole(body: ClientBody, limit: crate::config::ByteSize) -> Result<Bytes, GatewayError> {
+    match Limited::new(body, limit.as_usize()).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(GatewayError::RequestTooLarge { limit }),
-        Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+        Err(error) => match error.downcast::<GatewayError>() {
+            Ok(gateway) => Err(*gateway),
+            Err(error) => Err(GatewayError::ClientBody(error.to_string())),
+        },
+    }
+}
+
+/// A body to stream upstream as it arrives, cut off past `limit`; when it fails (too
+/// large, too slow) the upstream attempt fails with the caller's error inside.
+fn stream_through(body: ClientBody, limit: crate::config::ByteSize) -> UpstreamBody {
+    Limited::new(body, limit.as_usize())
+        .map_err(move |error| match error.is::<LengthLimitError>() {
+            true => BoxError::from(GatewayError::RequestTooLarge { limit }),
+            false => error,
+        })
+        .boxed_unsync()
+}
+
+pin_project! {
+    /// The client's request body, held to the request deadline and to
+    /// `server.body_read_timeout` between two pieces of it: past either it fails with
+    /// a 408 error, so a body that stops arriving cannot keep its connection.
+    struct ClientBody {
+        #[pin]
+        body: Incoming,
+        gap: Duration,
+        // Whether the last poll found nothing, so `stall` runs from that first wait.
+        waiting: bool,
+        #[pin]
+        stall: Sleep,
+        #[pin]
+        deadline: Sleep,
+    }
+}
+
+impl ClientBody {
+    fn new(body: Incoming, gap: Duration, deadline: Instant) -> Self {
+        let stall = tokio::time::sleep_until(deadline);
+        Self { body, gap, waiting: false, stall, deadline: tokio::time::sleep_until(deadline) }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            *this.waiting = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)));
+        }
+        if !*this.waiting {
+            *this.waiting = true;
+            if let Some(until) = Instant::now().checked_add(*this.gap) {
+                this.stall.as_mut().reset(until);
+            }
+        }
+        if this.deadline.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(GatewayError::BodyPastDeadline.into())));
+        }
+        if this.stall.poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(GatewayError::BodyStalled { after: *this.gap }.into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

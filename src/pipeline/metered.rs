@@ -53,7 +53,9 @@ impl Settlement {
 
     /// Charges `actual` tokens instead of the estimate, and frees the slot.
     fn settle(self, actual: u64) {
-        let delta = actual as i64 - self.estimate.total() as i64;
+        // Counts come from the upstream: saturate rather than wrap on absurd ones.
+        let signed = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
+        let delta = signed(actual).saturating_sub(signed(self.estimate.total()));
         if !self.permit.is_held() && (delta == 0 || self.quota.tokens_per_minute.is_none()) {
             return;
         }

@@ -5,9 +5,11 @@
 //! reads what the stages recorded in the response extensions ([`Exchange`],
 //! [`UpstreamOutcome`], [`Failure`]), adds `x-request-id` and `server-timing`, and
 //! wraps the body so the log line is written when the body ends or the client goes
-//! away: streams are logged with their real duration.
+//! away: streams are logged with their real duration. Text the client chose (method,
+//! path, model, and error details that quote them) is cut to `MAX_LOGGED_LEN` bytes.
 
 use std::{
+    borrow::Cow,
     convert::Infallible,
     future::Future,
     pin::Pin,
@@ -36,6 +38,8 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// Client-sent ids longer than this are replaced, so logs stay bounded.
 const MAX_REQUEST_ID_LEN: usize = 200;
+/// Longer client-chosen text is cut in the access line, so logs stay bounded.
+const MAX_LOGGED_LEN: usize = 512;
 
 /// Who asked for what, recorded by ingress.
 #[derive(Debug, Clone, Default)]
@@ -99,7 +103,7 @@ where
         let line = AccessLine {
             started: Some(started),
             method: request.method().clone(),
-            path: request.uri().path().to_owned(),
+            path: clip(request.uri().path()).into_owned(),
             ..AccessLine::default()
         };
         let in_flight = metrics::InFlight::enter();
@@ -184,21 +188,21 @@ impl AccessLine {
     fn write(&self, outcome: &'static str) {
         let duration = self.started.map(|started| started.elapsed()).unwrap_or_default();
         let key = self.exchange.key.as_ref().map(KeyId::as_str).unwrap_or("-");
-        let model = self.exchange.model.as_deref().unwrap_or("-");
+        let model = clip(self.exchange.model.as_deref().unwrap_or("-"));
         let upstream = self.upstream.as_ref().map(|outcome| outcome.upstream.as_str()).unwrap_or("-");
         let attempts = self.upstream.as_ref().map(|outcome| outcome.attempts).unwrap_or(0);
         let error = self.failure.as_ref().map(|failure| failure.code).unwrap_or("-");
-        let detail = self.failure.as_ref().map(|failure| failure.message.as_str()).unwrap_or("");
+        let detail = clip(self.failure.as_ref().map(|failure| failure.message.as_str()).unwrap_or(""));
         let usage = self.usage.as_ref().and_then(UsageSeen::get);
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
                     $level,
-                    method = %self.method,
+                    method = %clip(self.method.as_str()),
                     path = %self.path,
                     status = self.status,
                     key,
-                    model,
+                    model = %model,
                     upstream,
                     attempts,
                     cache = self.cache.map_or("-", CacheStatus::as_str),
@@ -242,7 +246,32 @@ impl Tap for LogOnEnd {
         let line = &self.line;
         let upstream = line.upstream.as_ref().map_or("-", |outcome| outcome.upstream.as_str());
         let duration = line.started.map(|started| started.elapsed()).unwrap_or_default();
-        let model = line.exchange.model.as_deref().unwrap_or("-");
+        let model = line.exchange.model.as_deref().unwrap_or_default();
         metrics::request(line.exchange.key.as_ref(), model, upstream, line.status, duration);
+    }
+}
+
+/// `text`, or its first [`MAX_LOGGED_LEN`] bytes (cut on a character boundary) marked
+/// with `…` and the whole length.
+fn clip(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_LOGGED_LEN {
+        return Cow::Borrowed(text);
+    }
+    let end = text.floor_char_boundary(MAX_LOGGED_LEN);
+    Cow::Owned(format!("{}…({} bytes)", &text[..end], text.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_client_text_is_cut_on_a_character_boundary() {
+        assert_eq!(clip("gpt-4o"), "gpt-4o");
+        let exact = "m".repeat(MAX_LOGGED_LEN);
+        assert_eq!(clip(&exact), exact);
+        let long = format!("{}é{}", "m".repeat(MAX_LOGGED_LEN - 1), "x".repeat(900_000));
+        let cut = clip(&long);
+        assert_eq!(cut, format!("{}…({} bytes)", "m".repeat(MAX_LOGGED_LEN - 1), long.len()));
     }
 }

@@ -14,6 +14,9 @@ use http_body_util::{BodyExt, Full};
 use super::{GatewayResponse, ResponseBody, admit};
 use crate::error::GatewayError;
 
+/// What a 405 names in `allow`: every method but CONNECT and TRACE is relayed.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// What went wrong, for the access log.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -29,7 +32,7 @@ pub fn error_response(error: &GatewayError) -> GatewayResponse {
         "error": {
             "message": message,
             "type": error.kind(),
-            "param": null,
+            "param": error.param(),
             "code": error.code(),
         }
     });
@@ -48,6 +51,9 @@ pub fn error_response(error: &GatewayError) -> GatewayResponse {
             let full = snapshot.tokens.map_or(Duration::ZERO, |tokens| tokens.reset);
             admit::insert_retry_after(headers, full.max(Duration::from_secs(1)));
             admit::insert_ratelimit_headers(headers, snapshot);
+        }
+        GatewayError::MethodNotAllowed(_) => {
+            headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
         }
         _ => {}
     }

@@ -105,7 +105,7 @@ async fn attempts(
         let wait = backoff(&policy, attempt - 1, asked, fastrand::f64());
         let give_up = !retryable
             || attempt >= max_attempts
-            || Instant::now() + wait >= request.deadline
+            || wait >= request.deadline.saturating_duration_since(Instant::now())
             || (_retrying.is_none() && {
                 _retrying = budget.try_retry(&policy);
                 _retrying.is_none()
@@ -181,22 +181,33 @@ pub fn backoff(policy: &RetryConfig, n: u32, asked: Option<Duration>, unit: f64)
     asked.map_or(jitter, |asked| jitter.max(asked))
 }
 
+/// The longest wait an upstream's `retry-after` is read as: longer than any request
+/// deadline (`request_timeout` is at most 7 days), so a longer ask still ends the
+/// retries at once.
+pub const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// What the upstream asked to wait: `retry-after-ms`, Azure's `x-ms-retry-after-ms`,
-/// or `retry-after` in seconds or as an HTTP date.
+/// or `retry-after` in seconds or as an HTTP date; at most [`LONGEST_RETRY_AFTER`].
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim);
-    let millis = |value: &str| value.parse::<f64>().ok().filter(|ms| ms.is_finite() && *ms >= 0.0);
+    let number = |value: &str| value.parse::<f64>().ok().filter(|n| n.is_finite() && *n >= 0.0);
     if let Some(ms) =
-        text("retry-after-ms").and_then(millis).or_else(|| text("x-ms-retry-after-ms").and_then(millis))
+        text("retry-after-ms").and_then(number).or_else(|| text("x-ms-retry-after-ms").and_then(number))
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(seconds(ms / 1000.0));
     }
     let value = text("retry-after")?;
-    if let Some(seconds) = value.parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0) {
-        return Some(Duration::from_secs_f64(seconds));
+    if let Some(asked) = number(value) {
+        return Some(seconds(asked));
     }
     let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(SystemTime::now()).unwrap_or_default())
+    Some(date.duration_since(SystemTime::now()).unwrap_or_default().min(LONGEST_RETRY_AFTER))
+}
+
+/// A finite, non-negative number of seconds as a wait, at most [`LONGEST_RETRY_AFTER`]
+/// (`1e300` would not fit a `Duration` at all).
+fn seconds(asked: f64) -> Duration {
+    Duration::try_from_secs_f64(asked).map_or(LONGEST_RETRY_AFTER, |asked| asked.min(LONGEST_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -252,5 +263,36 @@ mod tests {
         assert!(from_date > Duration::from_secs(27) && from_date <= Duration::from_secs(30), "{from_date:?}");
         assert_eq!(with("retry-after", "soon"), None);
         assert_eq!(with("retry-after-ms", "-5"), None);
+    }
+
+    #[test]
+    fn asks_too_long_for_a_duration_saturate() {
+        let with = |name: &'static str, value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            retry_after(&headers)
+        };
+        for (name, value) in [
+            ("retry-after", "1e300"),
+            ("retry-after", "18446744073709551616"),
+            ("retry-after", "31536001"),
+            ("retry-after-ms", "1e300"),
+            ("x-ms-retry-after-ms", "1.7976931348623157e308"),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+        ] {
+            assert_eq!(with(name, value), Some(LONGEST_RETRY_AFTER), "{name}: {value}");
+        }
+        assert_eq!(with("retry-after", "1e-300"), Some(Duration::ZERO));
+        assert_eq!(with("retry-after", "inf"), None);
+    }
+
+    #[test]
+    fn the_longest_delays_config_allows_and_the_longest_ask_do_not_overflow() {
+        let day = Duration::from_secs(86_400);
+        let policy = RetryConfig { base_delay: day, max_delay: day, ..policy() };
+        for n in [0, 1, 31, 32, u32::MAX] {
+            assert_eq!(backoff(&policy, n, None, 1.0), day);
+            assert_eq!(backoff(&policy, n, Some(LONGEST_RETRY_AFTER), 0.5), LONGEST_RETRY_AFTER);
+        }
     }
 }

@@ -118,7 +118,10 @@ fn route(
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
         "/metrics" => match metrics {
-            Some(handle) => (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(handle.render())),
+            Some(handle) => {
+                crate::metrics::runtime_tasks();
+                (StatusCode::OK, "text/plain; version=0.0.4", Bytes::from(handle.render()))
+            }
             None => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"metrics are not recorded\n")),
         },
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),

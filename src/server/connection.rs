@@ -1,12 +1,19 @@
-//! One client connection, served until it ends, the gateway drains, or it has had no
-//! request in flight for `server.idle_timeout`.
+//! One client connection, served until it ends, the gateway drains, it sends no request
+//! head within `server.header_read_timeout` of its accept, or it has had no request in
+//! flight for `server.idle_timeout`.
 //!
 //! A request is in flight from the moment its head is read until its response body
 //! is finished or dropped, so a long stream keeps its connection however quiet it is,
 //! and an idle HTTP/2 connection (which hyper never times out by itself) is closed
 //! with a GOAWAY. HTTP/1.1 keep-alive connections are also bounded by hyper's
-//! `header_read_timeout`, which runs while they wait for their next request. Closing
-//! for either reason is hyper's graceful shutdown: requests in flight finish first.
+//! `header_read_timeout`, which runs while they wait for their next request (hyper only
+//! starts it once the first byte is in, so the first head's timer is kept here, from
+//! accept, for h2c too). Closing when idle is hyper's graceful shutdown: requests in
+//! flight finish first. A connection with no request yet is simply dropped.
+//!
+//! HTTP/1.1 reads pass through the [`framing`](super::framing) tracker; a request it
+//! found with both `content-length` and `transfer-encoding` is marked for ingress to
+//! refuse. A 408 (the request body stopped arriving) closes an HTTP/1.1 connection.
 
 use std::{
     convert::Infallible,
@@ -17,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use http::{HeaderValue, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -25,45 +33,72 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{OwnedSemaphorePermit, watch},
+    time::Instant,
 };
 use tower::ServiceExt;
 
-use super::Live;
-use crate::pipeline::{GatewayResponse, forward::UpgradeHold};
+use super::{Live, framing};
+use crate::{
+    pipeline::{GatewayResponse, forward::UpgradeHold, ingress::ConflictingLength},
+    upstream::forwarded::ClientAddr,
+};
 
-/// Serves `io` until the client closes it, `stop` turns true (then drains it), or it
-/// idles for `idle_timeout`. `slot` (its place under `max_connections`) is held until
-/// then, and by any protocol upgrade spliced from it until that ends.
+/// How long a connection may go without a request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deadlines {
+    /// Its accept + `header_read_timeout`: the first request head must be in by then.
+    pub first_head: Instant,
+    pub idle_timeout: Duration,
+}
+
+/// Serves `io` until the client closes it, `stop` turns true (then drains it), it sends
+/// no request head by `deadlines.first_head`, or it idles for `idle_timeout`. `slot`
+/// (its place under `max_connections`) is held until then, and by any protocol upgrade
+/// spliced from it until that ends.
 pub(super) async fn serve<I>(
     builder: auto::Builder<TokioExecutor>,
     io: I,
     slot: OwnedSemaphorePermit,
     live: Arc<Live>,
     mut stop: watch::Receiver<bool>,
-    idle_timeout: Duration,
+    deadlines: Deadlines,
     peer: SocketAddr,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (in_flight, mut changes) = watch::channel(0_usize);
-    let in_flight = Arc::new(in_flight);
+    let (requests, mut changes) = watch::channel(Requests::default());
+    let requests = Arc::new(requests);
+    let (io, framing) = framing::Watched::new(io);
     let slot = UpgradeHold(Arc::new(slot));
     let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        let guard = InFlight::begin(in_flight.clone());
-        if request.headers().contains_key(http::header::UPGRADE) {
+        let (guard, number) = InFlight::begin(requests.clone());
+        request.extensions_mut().insert(ClientAddr(peer));
+        if request.headers().contains_key(header::UPGRADE) {
             request.extensions_mut().insert(slot.clone());
         }
+        if framing.conflicting_length(number) {
+            request.extensions_mut().insert(ConflictingLength);
+        }
+        let http1 = request.version() < Version::HTTP_2;
         let stack = live.stack();
         async move {
-            let response: GatewayResponse = stack.oneshot(request).await?;
+            let mut response: GatewayResponse = stack.oneshot(request).await?;
+            if http1 && response.status() == StatusCode::REQUEST_TIMEOUT {
+                // The gateway's 408 left the rest of the body unread, so nothing after it
+                // can be; and any 408 means the server gave up on the connection (RFC 9110).
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(response.map(|body| Held { body, _guard: guard }))
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
+    let first_head = tokio::time::sleep_until(deadlines.first_head);
+    tokio::pin!(first_head);
     let mut closing = false;
     loop {
-        let idle = *changes.borrow_and_update() == 0;
+        let Requests { in_flight, started } = *changes.borrow_and_update();
+        let idle = in_flight == 0;
         tokio::select! {
             served = connection.as_mut() => {
                 if let Err(error) = served {
@@ -71,11 +106,15 @@ pub(super) async fn serve<I>(
                 }
                 return;
             }
+            () = &mut first_head, if started == 0 => {
+                tracing::debug!(%peer, "closing a connection that sent no request head within header_read_timeout");
+                return;
+            }
             _ = stop.wait_for(|stop: &bool| *stop), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = tokio::time::sleep(idle_timeout), if idle && !closing => {
+            () = tokio::time::sleep(deadlines.idle_timeout), if idle && !closing => {
                 tracing::debug!(%peer, "closing a connection idle for idle_timeout");
                 connection.as_mut().graceful_shutdown();
                 closing = true;
@@ -85,19 +124,32 @@ pub(super) async fn serve<I>(
     }
 }
 
+/// A connection's requests so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Requests {
+    in_flight: usize,
+    started: usize,
+}
+
 /// Counts one request of a connection as in flight until dropped.
-struct InFlight(Arc<watch::Sender<usize>>);
+struct InFlight(Arc<watch::Sender<Requests>>);
 
 impl InFlight {
-    fn begin(count: Arc<watch::Sender<usize>>) -> Self {
-        count.send_modify(|count| *count += 1);
-        Self(count)
+    /// Starts request number `n` (from 0) of the connection: returns its guard and `n`.
+    fn begin(requests: Arc<watch::Sender<Requests>>) -> (Self, usize) {
+        let mut number = 0;
+        requests.send_modify(|requests| {
+            number = requests.started;
+            requests.started += 1;
+            requests.in_flight += 1;
+        });
+        (Self(requests), number)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|count| *count = count.saturating_sub(1));
+        self.0.send_modify(|requests| requests.in_flight = requests.in_flight.saturating_sub(1));
     }
 }
 

@@ -19,6 +19,7 @@ use crate::{config::Overrides, runtime::Runtime};
 
 pub mod admin;
 mod connection;
+mod framing;
 pub mod reload;
 mod tls;
 
@@ -70,7 +71,7 @@ pub async fn serve_live(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server.max_header_size.as_u64()).unwrap_or(u32::MAX));
     let max_connections = server.max_connections.get();
-    let idle_timeout = server.idle_timeout;
+    let (header_read_timeout, idle_timeout) = (server.header_read_timeout, server.idle_timeout);
     // A connection holds a slot while it lives: the cap, and what draining waits for.
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
     drop(runtime);
@@ -90,6 +91,10 @@ pub async fn serve_live(
             },
             () = &mut shutdown => break,
         };
+        let deadlines = connection::Deadlines {
+            first_head: tokio::time::Instant::now() + header_read_timeout,
+            idle_timeout,
+        };
         let Ok(slot) = connections.clone().try_acquire_owned() else {
             // Over `max_connections`: closed at once, before any byte is read.
             tracing::debug!(%peer, "connection refused: max_connections reached");
@@ -105,7 +110,7 @@ pub async fn serve_live(
         let (builder, live, stopped) = (builder.clone(), live.clone(), stopped.clone());
         match &tls {
             None => {
-                tokio::spawn(connection::serve(builder, stream, slot, live, stopped, idle_timeout, peer));
+                tokio::spawn(connection::serve(builder, stream, slot, live, stopped, deadlines, peer));
             }
             Some(acceptor) => {
                 let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -115,7 +120,7 @@ pub async fn serve_live(
                         Ok(Err(error)) => return tracing::debug!(%error, %peer, "TLS handshake failed"),
                         Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                     };
-                    connection::serve(builder, stream, slot, live, stopped, idle_timeout, peer).await;
+                    connection::serve(builder, stream, slot, live, stopped, deadlines, peer).await;
                 });
             }
         }

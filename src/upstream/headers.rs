@@ -1,5 +1,6 @@
 //! Header hygiene between the client and the upstream: hop-by-hop headers
-//! (RFC 9110 §7.6.1) never cross the gateway, in either direction.
+//! (RFC 9110 §7.6.1) never cross the gateway, in either direction, and no header that
+//! would make the upstream read the request as another method goes upstream.
 //!
 //! Credentials are not handled here; `pipeline::forward` decides what `Authorization`
 //! the upstream gets.
@@ -20,6 +21,22 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// Headers that some servers and frameworks obey to treat a request as another
+/// method: a `GET` the gateway did not read as a model call must not become one.
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Removes the method-override headers: the method the gateway decided on is the one
+/// the upstream acts on.
+pub fn strip_method_overrides(headers: &mut HeaderMap) {
+    for name in &METHOD_OVERRIDES {
+        headers.remove(name);
+    }
+}
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 ///

@@ -14,8 +14,10 @@ use crate::{
 };
 
 pub mod client;
+pub mod forwarded;
 pub mod headers;
 pub mod health;
+pub mod path;
 
 pub use client::{HttpClient, UpstreamBody};
 
@@ -29,6 +31,9 @@ pub struct Upstream {
     base_path: String,
     /// `Bearer <api_key>`, marked sensitive; `None` forwards the caller's key.
     pub authorization: Option<HeaderValue>,
+    /// Who is billed: the configured `openai-organization` / `openai-project`, and
+    /// whether a caller may choose its own next to `authorization`.
+    pub billing: Billing,
     models: ModelGlobs,
     pub weight: u32,
     /// Per attempt, until the response head.
@@ -61,12 +66,26 @@ impl Upstream {
             }
             None => None,
         };
+        let header = |field: &str, value: &Option<String>| {
+            value.as_deref().map(HeaderValue::try_from).transpose().map_err(|_| {
+                StartupError::Other(format!(
+                    "upstream `{}`: {field} is not a valid header value",
+                    config.name
+                ))
+            })
+        };
+        let billing = Billing {
+            organization: header("organization", &config.organization)?,
+            project: header("project", &config.project)?,
+            forward_callers: config.forward_caller_org,
+        };
         Ok(Self {
             name: config.name.clone(),
             scheme,
             authority,
             base_path,
             authorization,
+            billing,
             models: config.models.clone(),
             weight: config.weight.get(),
             timeout: config.timeout,
@@ -99,6 +118,36 @@ impl Upstream {
             .authority(self.authority.clone())
             .path_and_query(target)
             .build()
+    }
+}
+
+/// The OpenAI headers that choose which organization and project a call is billed to.
+#[derive(Debug, Default)]
+pub struct Billing {
+    pub organization: Option<HeaderValue>,
+    pub project: Option<HeaderValue>,
+    /// The caller's own headers go upstream even next to the upstream's `api_key`.
+    pub forward_callers: bool,
+}
+
+impl Billing {
+    pub const ORGANIZATION: http::HeaderName = http::HeaderName::from_static("openai-organization");
+    pub const PROJECT: http::HeaderName = http::HeaderName::from_static("openai-project");
+
+    /// Sets the billing headers of a request to this upstream. `callers_own_key`: the
+    /// caller's provider key is what goes upstream, so its choice bills only itself.
+    /// Otherwise the operator's key is used, and a caller may not pick the account
+    /// unless the upstream allows it.
+    pub fn apply(&self, headers: &mut http::HeaderMap, callers_own_key: bool) {
+        if !callers_own_key && !self.forward_callers {
+            headers.remove(Self::ORGANIZATION);
+            headers.remove(Self::PROJECT);
+        }
+        for (name, value) in [(Self::ORGANIZATION, &self.organization), (Self::PROJECT, &self.project)] {
+            if let Some(value) = value {
+                headers.insert(name, value.clone());
+            }
+        }
     }
 }
 
@@ -187,6 +236,9 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             ca_file: None,
+            organization: None,
+            project: None,
+            forward_caller_org: false,
         };
         Arc::new(Upstream::new(&config).unwrap_or_else(|error| panic!("{error}")))
     }

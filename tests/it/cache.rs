@@ -1,5 +1,6 @@
 //! The response cache from the outside: hits, keys, scopes, controls, streams,
-//! coalescing, and what is never stored.
+//! coalescing, what is never stored, and the memory bound on responses being
+//! recorded.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     gateway::{TestGateway, config_for, http},
-    upstream::{MockUpstream, Reply},
+    upstream::{Gate, MockUpstream, Reply},
 };
 
 const CHAT: &str = "/v1/chat/completions";
@@ -237,4 +238,140 @@ async fn a_per_request_ttl_as_large_as_u64_is_served_and_stored() {
     assert_eq!(send(&gateway, "sk-a", &chat_body(), &[("x-spillway-cache-ttl", &huge)]).await.0, "miss");
     assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
     assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_client_ttl_never_outlives_the_configured_one() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway =
+        TestGateway::start(&config_for(&upstream.base_url(), "[cache]\nenabled = true\nttl = \"1s\"\n"))
+            .await;
+
+    let century = (100 * 365 * 24 * 3600_u64).to_string();
+    send(&gateway, "sk-a", &chat_body(), &[("x-spillway-cache-ttl", &century)]).await;
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+    // Capped at `cache.ttl`, one second; a real wait is the only way to see moka's clock move.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_200_that_is_not_json_is_relayed_but_never_stored() {
+    let truncated = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"message":"#;
+    let upstream = MockUpstream::new()
+        .reply(Reply::bytes(200, truncated).header("content-type", "application/json"))
+        .reply(
+            Reply::bytes(200, "<html>upstream proxy says hello</html>").header("content-type", "text/html"),
+        )
+        .reply(Reply::openai())
+        .start()
+        .await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await, ("miss".to_owned(), truncated.to_owned()));
+    let (status, html) = send(&gateway, "sk-a", &chat_body(), &[]).await;
+    assert_eq!((status.as_str(), html.as_str()), ("miss", "<html>upstream proxy says hello</html>"));
+    // The third is a real answer: stored, as ever.
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "hit");
+    assert_eq!(upstream.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_stream_with_data_that_does_not_parse_is_relayed_but_never_stored() {
+    let events = [
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\n\n",
+        "data: [DONE]\n\n",
+    ];
+    let upstream = MockUpstream::new().reply(Reply::sse_raw(events)).reply(Reply::openai()).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), CACHE_ON)).await;
+    let mut streamed = chat_body();
+    streamed["stream"] = json!(true);
+
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await, ("miss".to_owned(), events.concat()));
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await.0, "miss", "the broken stream was stored");
+    assert_eq!(send(&gateway, "sk-a", &streamed, &[]).await.0, "hit");
+    assert_eq!(upstream.calls(), 2);
+}
+
+/// 64 KiB in all: responses being recorded share a quarter of it (16 KiB), and no
+/// entry may take more than an eighth (8 KiB).
+const SMALL_CACHE: &str = "[cache]\nenabled = true\nmax_size = \"64KiB\"\n";
+
+/// A chat stream of one chunk of `text`, then `[DONE]` once `gate` opens.
+fn held_stream(text: &str, gate: &Gate) -> (Reply, String) {
+    let chunk = json!({"id": "c", "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+    let events = [format!("data: {chunk}\n\n"), "data: [DONE]\n\n".to_owned()];
+    let whole = events.concat();
+    (Reply::sse_raw(events).gate_after(1, gate), whole)
+}
+
+fn streamed_question(n: usize) -> Value {
+    json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": format!("question {n}")}]})
+}
+
+#[tokio::test]
+async fn recordings_beyond_their_share_of_max_size_are_dropped_at_once_and_still_answered() {
+    // Each stream is 7 KB: two fit in the 16 KiB the recordings share, three do not.
+    let gate = Gate::new();
+    let (reply, whole) = held_stream(&"x".repeat(7000), &gate);
+    let upstream = MockUpstream::new().reply(reply).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), SMALL_CACHE)).await;
+
+    // One after the other: each has its first chunk recorded (and relayed) before the
+    // next starts, so the first two take the budget.
+    let mut open = Vec::new();
+    for n in 0..3 {
+        let response =
+            http().post(gateway.url(CHAT)).bearer_auth("sk-a").json(&streamed_question(n)).send().await;
+        let response = response.expect("gateway answers");
+        assert_eq!(response.headers()["x-spillway-cache"], "miss");
+        let mut body = response.bytes_stream();
+        let mut received = Vec::new();
+        while !received.ends_with(b"\n\n") {
+            received.extend_from_slice(&body.next().await.expect("a first chunk").expect("bytes"));
+        }
+        open.push((received, body));
+    }
+    // The third recording was dropped at once, so it is no flight to wait for: the
+    // same request goes upstream on its own while the three streams are still held.
+    let repeat = tokio::spawn({
+        let url = gateway.url(CHAT);
+        async move { http().post(url).bearer_auth("sk-a").json(&streamed_question(2)).send().await }
+    });
+    upstream.wait_for_calls(4).await;
+    gate.open();
+
+    for (mut received, mut body) in open {
+        while let Some(bytes) = body.next().await {
+            received.extend_from_slice(&bytes.expect("bytes"));
+        }
+        assert_eq!(String::from_utf8(received).expect("text"), whole, "a client lost part of its answer");
+    }
+    let repeat = repeat.await.expect("task").expect("gateway answers");
+    assert_eq!(repeat.headers()["x-spillway-cache"], "miss");
+    assert_eq!(repeat.text().await.expect("body"), whole);
+
+    for (n, expected) in [(0, "hit"), (1, "hit"), (2, "miss")] {
+        let (status, text) = send(&gateway, "sk-a", &streamed_question(n), &[]).await;
+        assert_eq!((status.as_str(), text == whole), (expected, true), "question {n}");
+    }
+    assert_eq!(upstream.calls(), 5);
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_an_entry_may_be_is_relayed_whole_but_not_stored() {
+    let large = json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0,
+        "message": {"role": "assistant", "content": "y".repeat(9000)}, "finish_reason": "stop"}]});
+    let upstream = MockUpstream::new().reply(Reply::json(200, large.clone())).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), SMALL_CACHE)).await;
+
+    let (status, text) = send(&gateway, "sk-a", &chat_body(), &[]).await;
+    assert_eq!(status, "miss");
+    assert_eq!(serde_json::from_str::<Value>(&text).expect("JSON"), large);
+    assert_eq!(send(&gateway, "sk-a", &chat_body(), &[]).await.0, "miss");
+    assert_eq!(upstream.calls(), 2);
 }

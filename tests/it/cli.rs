@@ -259,3 +259,138 @@ fn flags_override_environment_which_overrides_the_file() {
     assert_eq!(started["upstreams"], "default=http://127.0.0.1:9/v1");
     assert_eq!(running.terminate(), 0);
 }
+
+#[test]
+fn check_refuses_durations_and_sizes_over_their_maximum() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "huge.toml",
+        "[server]\nrequest_timeout = \"18446744073709551615s\"\nmax_request_body = \"5GiB\"\n\n\
+         [cache]\nttl = \"2y\"\n",
+    );
+
+    let (code, _, stderr) = run(spillway(dir.path()).arg("check").arg("--config").arg(&path));
+
+    assert_eq!(code, 1, "{stderr}");
+    let file = path.display().to_string();
+    for expected in [
+        format!(
+            "{file}:2:19: error: `request_timeout` is too long: \"18446744073709551615s\"\n  = help: the maximum is \"7d\""
+        ),
+        format!(
+            "{file}:3:20: error: `max_request_body` is too large: \"5GiB\"\n  = help: the maximum is \"4GiB\""
+        ),
+        format!("{file}:6:7: error: `ttl` is too long: \"2y\"\n  = help: the maximum is \"365d\""),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
+
+/// Every duration and size at its maximum (README, "Bounds"), for an upstream at `{base_url}`.
+const AT_MAXIMUM: &str = r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_request_body = "4GiB"
+request_timeout = "7d"
+shutdown_grace = "7d"
+header_read_timeout = "1d"
+body_read_timeout = "1d"
+max_header_size = "1MiB"
+idle_timeout = "1d"
+
+[limits.default]
+requests_per_minute = 4294967295
+tokens_per_minute = 4294967295
+max_concurrent = 4294967295
+
+[[upstreams]]
+name = "mock"
+base_url = "{base_url}"
+connect_timeout = "1d"
+timeout = "7d"
+
+[retry]
+max_attempts = 4294967295
+base_delay = "1d"
+max_delay = "1d"
+on_status = [503]
+
+[cache]
+enabled = true
+max_size = "1TiB"
+ttl = "365d"
+"#;
+
+#[tokio::test]
+async fn the_largest_values_check_accepts_serve_requests_without_overflowing() {
+    use crate::support::upstream::{MockUpstream, Reply};
+
+    // An upstream that asks for a wait no `Duration` can hold.
+    let never = Reply::server_error(503).header("retry-after", "1e300").header("retry-after-ms", "1e300");
+    let upstream = MockUpstream::new().route("/v1/embeddings", never).start().await;
+    let config = AT_MAXIMUM.replace("{base_url}", &upstream.base_url());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "max.toml", &config);
+    let (code, stdout, stderr) = run(spillway(dir.path()).arg("check").arg("--config").arg(&path));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    let running = Running::serve(&config);
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", running.addr());
+    let chat = |stream: bool| {
+        client
+            .post(url("/v1/chat/completions"))
+            .bearer_auth("sk-max")
+            // A request head four times the default limit (and within the mock's own).
+            .header("x-padding", "p".repeat(256 * 1024))
+            .json(&serde_json::json!({"model": "gpt-4o", "messages": [], "stream": stream}))
+            .send()
+    };
+    for (stream, cache) in [(false, "miss"), (false, "hit"), (true, "miss"), (true, "hit")] {
+        let response = chat(stream).await.expect("answer");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-spillway-cache"], cache);
+        assert!(response.headers().contains_key("x-ratelimit-remaining-requests"));
+        assert!(!response.bytes().await.expect("body").is_empty());
+    }
+    // The wait asked for is past the deadline: the 503 comes back at once, not retried.
+    let response = client
+        .post(url("/v1/embeddings"))
+        .bearer_auth("sk-max")
+        .json(&serde_json::json!({"model": "text-embedding-3-small", "input": "x"}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 503);
+    assert_eq!(upstream.calls(), 3, "two misses and the one 503");
+    assert_eq!(running.terminate(), 0);
+}
+
+#[test]
+fn pretty_logs_carry_no_colour_codes_off_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        write(dir.path(), "spillway.toml", "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n");
+    let mut child = spillway(dir.path())
+        .args(["--log-format", "pretty", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (found, line) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("spillway started") {
+                let _ = found.send(line);
+            }
+        }
+    });
+    let line = line.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("startup line within 20 s");
+    assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+}

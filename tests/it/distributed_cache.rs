@@ -307,6 +307,21 @@ async fn a_shared_hit_stays_in_memory_only_as_long_as_redis_had_left() {
 }
 
 #[tokio::test]
+async fn a_client_ttl_is_capped_at_the_configured_one_in_redis_too() {
+    let Some(redis) = RedisServer::start() else { return };
+    let upstream = MockUpstream::new().start().await;
+    let a = replica(&upstream, &redis, "[cache]\nenabled = true\nttl = \"1m\"\n").await;
+
+    let century = (100 * 365 * 24 * 3600_u64).to_string();
+    send(&a, "sk-a", &chat_body("pinned"), &[("x-spillway-cache-ttl", &century)]).await;
+    let keys = wait_for_entries(&redis, 1).await;
+
+    let remaining: u64 =
+        redis.command(&["PTTL", &keys[0]]).trim_start_matches(':').trim().parse().expect("ms");
+    assert!(remaining > 0 && remaining <= 60_000, "a client ttl outlived cache.ttl: {remaining} ms");
+}
+
+#[tokio::test]
 async fn a_reload_keeps_the_shared_cache_only_while_its_link_and_switches_are_the_same() {
     // The link connects lazily: no server is needed to tell which store a reload keeps.
     let toml = |prefix: &str, shared: bool, size: &str| {

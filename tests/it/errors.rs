@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     gateway::{TestGateway, config_for, http},
+    raw::RawUpstream,
     upstream::{MockUpstream, Reply},
 };
 
@@ -144,26 +145,6 @@ async fn models_no_upstream_serves_are_404() {
 }
 
 #[tokio::test]
-async fn dot_segments_cannot_climb_out_of_the_base_path() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let upstream = MockUpstream::new().expect_calls(0).start().await;
-    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
-
-    // Sent raw: HTTP clients normalise these paths before they leave.
-    for path in ["/v1/../admin", "/v1/files/%2e%2e/secrets", "/v1/./models"] {
-        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.expect("connect");
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\nconnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.expect("send");
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.expect("read");
-        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
-    }
-}
-
-#[tokio::test]
 async fn a_json_content_type_without_a_body_is_fine_on_get_and_delete() {
     let upstream = MockUpstream::new().start().await;
     let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
@@ -253,7 +234,7 @@ async fn an_unreachable_upstream_is_502() {
 
     let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"));
-    assert!(message.contains("mock"), "{message}");
+    assert!(message.contains("upstream `mock` refused the connection"), "{message}");
 }
 
 #[tokio::test]
@@ -263,8 +244,9 @@ async fn an_upstream_reset_is_502() {
 
     let response = gateway.chat("gpt-4o", false).await;
 
-    let (status, code, _) = gateway_error(response).await;
+    let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"));
+    assert!(message.contains("closed or reset the connection before the response head"), "{message}");
 }
 
 #[tokio::test]
@@ -320,6 +302,84 @@ async fn a_connect_that_hangs_is_cut_by_connect_timeout() {
 
     let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"), "{message}");
-    assert!(message.contains("connect error: deadline has elapsed"), "{message}");
+    assert!(
+        message.contains("could not be connected to: tcp connect error: deadline has elapsed"),
+        "{message}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
+
+/// The 502's message for one chat completion through a gateway to `base_url`.
+async fn bad_gateway(base_url: &str) -> String {
+    let gateway = TestGateway::start(&config_for(base_url, "")).await;
+    let (status, code, message) = gateway_error(gateway.chat("gpt-4o", false).await).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_error"), "{message}");
+    message
+}
+
+#[tokio::test]
+async fn a_502_says_what_went_wrong() {
+    let garbage = RawUpstream::start(vec![b"SSH-2.0-OpenSSH_9.6\r\n".to_vec()]).await;
+    let message = bad_gateway(&garbage.base_url()).await;
+    assert!(message.contains("sent a response that is not valid HTTP: invalid HTTP version"), "{message}");
+
+    for pieces in [vec![], vec![b"HTTP/1.1 200 OK\r\ncontent-".to_vec()]] {
+        let closing = RawUpstream::start(pieces).await;
+        let message = bad_gateway(&closing.base_url()).await;
+        assert!(message.contains("closed or reset the connection before the response head"), "{message}");
+    }
+
+    let plain = MockUpstream::new().expect_calls(0).start().await;
+    let message = bad_gateway(&format!("https://{}/v1", plain.addr())).await;
+    assert!(message.contains("failed the TLS handshake"), "{message}");
+
+    let message = bad_gateway("http://spillway-test.invalid/v1").await;
+    assert!(message.contains("`mock` could not be resolved (DNS)"), "{message}");
+}
+
+#[tokio::test]
+async fn garbage_from_an_upstream_is_retried_as_before() {
+    let garbage = RawUpstream::start(vec![b"garbage\r\n\r\n".to_vec()]).await;
+    let retry = "[retry]\nmax_attempts = 2\nbase_delay = \"10ms\"\nmax_delay = \"10ms\"\n";
+    let gateway = TestGateway::start(&config_for(&garbage.base_url(), retry)).await;
+
+    let (status, _, _) = gateway_error(gateway.chat("gpt-4o", false).await).await;
+
+    assert_eq!(status, 502);
+    assert_eq!(garbage.connections(), 2, "one attempt and one retry");
+}
+
+#[tokio::test]
+async fn connect_and_trace_are_405_without_reaching_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), "")).await;
+
+    let credentials = "authorization: Bearer sk-caller\r\nconnection: close\r\n\r\n";
+    for line in [
+        "CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443",
+        "CONNECT /v1/chat/completions HTTP/1.1\r\nhost: x",
+        "TRACE /v1/models HTTP/1.1\r\nhost: x",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.expect("connect");
+        stream.write_all(format!("{line}\r\n{credentials}").as_bytes()).await.expect("send");
+        let mut answer = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await;
+        assert!(read.is_ok(), "{line}: the connection stayed open");
+
+        assert!(answer.starts_with("HTTP/1.1 405"), "{line}: {answer}");
+        assert!(answer.contains("allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"), "{answer}");
+        assert!(answer.contains(r#""code":"method_not_allowed""#), "{answer}");
+    }
+
+    // And over HTTP/2 (reqwest speaks h2c with prior knowledge).
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    let trace = h2
+        .request(reqwest::Method::TRACE, gateway.url("/v1/models"))
+        .bearer_auth("sk-caller")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(gateway_error(trace).await.1, "method_not_allowed");
 }

@@ -156,3 +156,137 @@ async fn idle_timeout_is_checked_in_the_config() {
         "{error}"
     );
 }
+
+/// A connection that has sent `head_and_part` and sends nothing more.
+async fn stalled(gateway: &TestGateway, head_and_part: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream.write_all(head_and_part.as_bytes()).await.expect("a head and part of a body");
+    stream
+}
+
+/// A connection that sends `head`, then one body byte every 100 ms while it can.
+async fn trickling(gateway: &TestGateway, head: &str) -> TcpStream {
+    let stream = stalled(gateway, head).await;
+    let std = stream.into_std().expect("std stream");
+    let writer = TcpStream::from_std(std.try_clone().expect("clone")).expect("writer");
+    tokio::spawn(async move {
+        let mut writer = writer;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if writer.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+    });
+    TcpStream::from_std(std).expect("reader")
+}
+
+fn assert_408(answer: &str) {
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert!(answer.contains("content-type: application/json"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+}
+
+const JSON_HEAD: &str = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\
+    content-type: application/json\r\ncontent-length: 100\r\n\r\n";
+const UPLOAD_HEAD: &str = "POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\
+    content-type: multipart/form-data; boundary=b\r\ncontent-length: 100\r\n\r\n";
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_408_and_its_connection_closed() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&server("body_read_timeout = \"300ms\"", &upstream.base_url())).await;
+
+    for head in [JSON_HEAD, UPLOAD_HEAD] {
+        let mut stream = stalled(&gateway, &format!("{head}--b\r\n")).await;
+        let started = tokio::time::Instant::now();
+        let answer = read_until_closed(&mut stream).await;
+
+        assert_408(&answer);
+        assert!(answer.contains("body_read_timeout"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(250), "cut before body_read_timeout");
+    }
+}
+
+#[tokio::test]
+async fn a_body_still_arriving_at_the_request_deadline_is_408() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&server("request_timeout = \"600ms\"", &upstream.base_url())).await;
+
+    // A byte every 100 ms: never a gap as long as body_read_timeout (60 s).
+    for head in [JSON_HEAD, UPLOAD_HEAD] {
+        let started = tokio::time::Instant::now();
+        let mut stream = trickling(&gateway, head).await;
+        let answer = read_until_closed(&mut stream).await;
+
+        assert_408(&answer);
+        assert!(answer.contains("request_timeout)"), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(550), "cut before request_timeout");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let upstream = MockUpstream::new().expect_calls(0).start().await;
+    let gateway = TestGateway::start(&server("header_read_timeout = \"300ms\"", &upstream.base_url())).await;
+
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(gateway.addr).await.expect("connect");
+    read_until_closed(&mut silent).await;
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_read_timeout");
+
+    // h2c: a preface and settings, but no request.
+    let started = tokio::time::Instant::now();
+    let (_sender, closed) = h2_connection(gateway.addr).await;
+    tokio::time::timeout(Duration::from_secs(10), closed).await.expect("h2c closed").expect("task");
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_read_timeout");
+}
+
+/// Sends `request` on a new connection and returns all the gateway sent until it closed.
+async fn exchange(gateway: &TestGateway, request: &str) -> String {
+    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    read_until_closed(&mut stream).await
+}
+
+#[tokio::test]
+async fn ambiguous_lengths_and_host_headers_are_400() {
+    let upstream = MockUpstream::new().start().await;
+    let gateway = TestGateway::start(&server("", &upstream.base_url())).await;
+    let chat = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\
+        content-type: application/json\r\n";
+    let models = "GET /v1/models HTTP/1.1\r\nauthorization: Bearer sk-caller\r\nconnection: close\r\n";
+
+    // No `connection: close` on these: the gateway closes by itself.
+    let both = format!("{chat}content-length: 40\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n");
+    let both_reversed = format!("{chat}transfer-encoding: chunked\r\ncontent-length: 40\r\n\r\n0\r\n\r\n");
+    let no_host = format!("{models}\r\n");
+    let two_hosts = format!("{models}host: a\r\nhost: b\r\n\r\n");
+    for request in [&both, &both_reversed, &no_host, &two_hosts] {
+        let answer = exchange(&gateway, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{request}\n=> {answer}");
+        assert!(answer.contains(r#""code":"invalid_request""#), "{answer}");
+    }
+    assert_eq!(upstream.calls(), 0);
+
+    // Behind a good request on the same connection, and after a chunked body that
+    // looks like a head with both headers.
+    let good = "GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\r\n";
+    let fake = "GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+    let upload = format!(
+        "POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-caller\r\n\
+        content-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+        {:x}\r\n{fake}\r\n0\r\n\r\n",
+        fake.len()
+    );
+    let answer = exchange(&gateway, &format!("{good}{upload}{both}")).await;
+    let statuses: Vec<&str> =
+        answer.match_indices("HTTP/1.1 ").map(|(at, _)| &answer[at + 9..at + 12]).collect();
+    assert_eq!(statuses, ["200", "404", "400"], "{answer}");
+    assert_eq!(upstream.calls(), 2);
+
+    // HTTP/1.0 needs no host.
+    let old = exchange(&gateway, "GET /v1/models HTTP/1.0\r\nauthorization: Bearer sk-caller\r\n\r\n").await;
+    assert!(old.starts_with("HTTP/1.0 200"), "{old}");
+}

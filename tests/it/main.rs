@@ -3,6 +3,7 @@
 mod admin;
 mod cache;
 mod cli;
+mod decisions;
 mod distributed_cache;
 mod distributed_health;
 mod distributed_limits;

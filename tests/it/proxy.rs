@@ -4,6 +4,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     gateway::{TestGateway, config_for, http},
+    raw::RawUpstream,
     upstream::{MockUpstream, Reply},
 };
 
@@ -323,4 +324,56 @@ async fn upstream_errors_come_back_unchanged() {
     assert_eq!(response.headers()["x-extra"], "1");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"]["code"], "context_length_exceeded");
+}
+
+const UPSTREAM_KEY: &str = "sk-upstream-secret-0123456789";
+
+#[tokio::test]
+async fn an_upstream_key_echoed_in_an_error_body_is_masked() {
+    let upstream = MockUpstream::new().reply(Reply::echo().status(401)).reply(Reply::echo()).start().await;
+    let gateway =
+        TestGateway::start(&config_for(&upstream.base_url(), &format!("api_key = \"{UPSTREAM_KEY}\""))).await;
+
+    let failed = gateway.chat("gpt-4o", false).await;
+    assert_eq!(failed.status(), 401);
+    let body = failed.text().await.expect("the whole error body");
+    assert!(!body.contains(UPSTREAM_KEY), "{body}");
+    assert!(body.contains(r#""authorization":"Bearer [redacted]""#), "{body}");
+    assert_eq!(
+        upstream.last_request().header("authorization"),
+        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
+    );
+
+    // A success is relayed as it came.
+    let echoed = gateway.chat("gpt-4o", false).await.text().await.expect("body");
+    assert!(echoed.contains(UPSTREAM_KEY), "{echoed}");
+
+    // A caller's own key, forwarded in passthrough mode, is the caller's to see.
+    let keyless = MockUpstream::new().reply(Reply::echo().status(401)).start().await;
+    let passthrough = TestGateway::start(&config_for(&keyless.base_url(), "")).await;
+    let own = passthrough.chat("gpt-4o", false).await.text().await.expect("body");
+    assert!(own.contains("Bearer sk-caller"), "{own}");
+}
+
+#[tokio::test]
+async fn an_upstream_key_split_across_body_frames_is_masked() {
+    let chunk = |text: &str| format!("{:x}\r\n{text}\r\n", text.len()).into_bytes();
+    let (start, end) = UPSTREAM_KEY.split_at(10);
+    let head =
+        "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    let first =
+        [head.as_bytes(), &chunk(&format!(r#"{{"error":{{"message":"Incorrect API key provided: {start}"#))]
+            .concat();
+    let second = [chunk(&format!(r#"{end}. Again: {UPSTREAM_KEY}"}}}}"#)), b"0\r\n\r\n".to_vec()].concat();
+    let upstream = RawUpstream::start(vec![first, second]).await;
+    let gateway =
+        TestGateway::start(&config_for(&upstream.base_url(), &format!("api_key = \"{UPSTREAM_KEY}\""))).await;
+
+    let response = gateway.chat("gpt-4o", false).await;
+
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.text().await.expect("the whole error body"),
+        r#"{"error":{"message":"Incorrect API key provided: [redacted]. Again: [redacted]"}}"#
+    );
 }

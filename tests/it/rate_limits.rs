@@ -311,3 +311,20 @@ async fn a_stripped_stream_with_a_declared_length_still_ends_cleanly() {
     assert!(!body.contains("\"usage\":{"), "{body}");
     assert!(body.contains("\"content\":\"hi\"") && body.ends_with("data: [DONE]\n\n"), "{body}");
 }
+
+#[tokio::test]
+async fn an_absurd_usage_from_the_upstream_is_charged_without_overflowing() {
+    let usage = json!({"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX, "total_tokens": u64::MAX});
+    let answer = json!({"id": "x", "object": "chat.completion", "choices": [], "usage": usage});
+    let upstream = MockUpstream::new().reply(Reply::json(200, answer)).start().await;
+    let limits = "[limits.default]\ntokens_per_minute = 6000\n";
+    let gateway = TestGateway::start(&config_for(&upstream.base_url(), limits)).await;
+
+    let first = gateway.chat("gpt-4o", false).await;
+    assert_eq!(first.status(), 200);
+    first.bytes().await.expect("the whole answer arrives");
+
+    // The key owes more than it will ever refill: refused, and the gateway still serves.
+    let (status, kind, _) = error_type(gateway.chat("gpt-4o", false).await).await;
+    assert_eq!((status, kind.as_str()), (429, "tokens"));
+}

@@ -1,6 +1,6 @@
 //! The wire format of a cache entry in Redis: a compact, versioned binary encoding of
 //! a whole [`CachedResponse`], written into one buffer and read back without copying
-//! the body (frames and header values are slices of the value Redis returned).
+//! the body (the body and the header block are slices of the value Redis returned).
 //!
 //! Decoding is total: any value that is not exactly one well-formed entry of this
 //! version (another magic or version, a truncated or padded value, an invalid method,
@@ -9,30 +9,32 @@
 //! sliced or allocated. Whether an entry answers a request (its identity) is still
 //! decided by the cache stage.
 //!
-//! # Layout (version 1)
+//! # Layout (version 2)
 //!
 //! Integers are big-endian; `field` is a `u32` length, then that many bytes.
 //!
 //! ```text
-//! magic "SPWC" · version u8 = 1
+//! magic "SPWC" · version u8 = 2
 //! scope tag u8: 0 global | 1 configured key id (field, UTF-8) | 2 presented key hash (field, "sha256:<hex>")
+//! account tag u8: 0 none | 1 organization and project (field, UTF-8)
 //! method (field) · path and query (field, UTF-8) · stream u8 (0|1) · body_len u64
 //! status u16 · ttl in milliseconds u64
-//! header count u32, then per header: name (field) · value (field)
-//! body tag u8: 0 full (field) | 1 events: frame count u32, then each frame (field)
+//! headers (field: the `name:value\n` block of [`StoredHeaders`])
+//! body tag u8: 0 full | 1 events · body (field)
 //! ```
 //!
-//! Only key ids and key hashes are written for the scope, never a key; headers named
-//! `authorization` or `proxy-authorization`, or marked sensitive, are never written
-//! (the cache stage keeps none anyway).
+//! Version 1 (an entry holding a header map and a stream's frames one by one) is read
+//! as a miss. Only key ids and key hashes are written for the scope, never a key; a
+//! header block naming `authorization` or `proxy-authorization` is refused
+//! ([`StoredHeaders`] never holds one).
 
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use http::{Method, StatusCode};
 
 use crate::{
-    cache::{CachedBody, CachedResponse, RequestIdentity, Scope},
+    cache::{CachedBody, CachedResponse, RequestIdentity, Scope, StoredHeaders},
     limit::BucketKey,
     secret::{KeyHash, KeyId},
 };
@@ -40,7 +42,7 @@ use crate::{
 /// Marks a value as a spillway cache entry.
 const MAGIC: &[u8; 4] = b"SPWC";
 /// Bump on any change of the layout: values of another version are misses.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 const SCOPE_GLOBAL: u8 = 0;
 const SCOPE_CONFIGURED: u8 = 1;
@@ -74,6 +76,13 @@ pub fn encode(entry: &CachedResponse) -> Option<Bytes> {
             put_field(&mut buffer, &text)?;
         }
     }
+    match &identity.account {
+        None => buffer.put_u8(0),
+        Some(account) => {
+            buffer.put_u8(1);
+            put_field(&mut buffer, account.as_bytes())?;
+        }
+    }
     put_field(&mut buffer, identity.method.as_str().as_bytes())?;
     put_field(&mut buffer, identity.path.as_bytes())?;
     buffer.put_u8(u8::from(identity.stream));
@@ -82,26 +91,13 @@ pub fn encode(entry: &CachedResponse) -> Option<Bytes> {
     buffer.put_u16(entry.status.as_u16());
     buffer.put_u64(u64::try_from(entry.ttl.as_millis()).unwrap_or(u64::MAX));
 
-    let headers = || entry.headers.iter().filter(|(name, value)| storable(name, value));
-    buffer.put_u32(u32::try_from(headers().count()).ok()?);
-    for (name, value) in headers() {
-        put_field(&mut buffer, name.as_str().as_bytes())?;
-        put_field(&mut buffer, value.as_bytes())?;
-    }
-
-    match &entry.body {
-        CachedBody::Full(bytes) => {
-            buffer.put_u8(BODY_FULL);
-            put_field(&mut buffer, bytes)?;
-        }
-        CachedBody::Events(frames) => {
-            buffer.put_u8(BODY_EVENTS);
-            buffer.put_u32(u32::try_from(frames.len()).ok()?);
-            for frame in frames {
-                put_field(&mut buffer, frame)?;
-            }
-        }
-    }
+    put_field(&mut buffer, entry.headers.block())?;
+    let (tag, body) = match &entry.body {
+        CachedBody::Full(bytes) => (BODY_FULL, bytes),
+        CachedBody::Events(bytes) => (BODY_EVENTS, bytes),
+    };
+    buffer.put_u8(tag);
+    put_field(&mut buffer, body)?;
     Some(buffer.freeze())
 }
 
@@ -119,40 +115,28 @@ pub fn decode(value: Bytes) -> Option<CachedResponse> {
         SCOPE_PRESENTED => Scope::Key(BucketKey::Presented(reader.text(KeyHash::parse)?)),
         _ => return None,
     };
+    let account = match reader.u8()? {
+        0 => None,
+        1 => Some(reader.text(|account| Some(account.into()))?),
+        _ => return None,
+    };
     let method = Method::from_bytes(&reader.field()?).ok()?;
-    let path = reader.text(|path| Some(path.to_owned()))?;
+    let path = reader.text(|path| Some(path.into()))?;
     let stream = match reader.u8()? {
         0 => false,
         1 => true,
         _ => return None,
     };
     let body_len = usize::try_from(reader.u64()?).ok()?;
-    let identity = RequestIdentity { scope, method, path, stream, body_len };
+    let identity = RequestIdentity { scope, account, method, path, stream, body_len };
 
     let status = StatusCode::from_u16(reader.u16()?).ok()?;
     let ttl = Duration::from_millis(reader.u64()?);
 
-    let header_count = reader.count()?;
-    let mut headers = HeaderMap::try_with_capacity(header_count).ok()?;
-    for _ in 0..header_count {
-        let name = HeaderName::from_bytes(&reader.field()?).ok()?;
-        let value = HeaderValue::from_maybe_shared(reader.field()?).ok()?;
-        if !storable(&name, &value) {
-            return None;
-        }
-        headers.try_append(name, value).ok()?;
-    }
-
+    let headers = StoredHeaders::from_block(reader.field()?)?;
     let body = match reader.u8()? {
         BODY_FULL => CachedBody::Full(reader.field()?),
-        BODY_EVENTS => {
-            let frame_count = reader.count()?;
-            let mut frames = Vec::with_capacity(frame_count);
-            for _ in 0..frame_count {
-                frames.push(reader.field()?);
-            }
-            CachedBody::Events(frames)
-        }
+        BODY_EVENTS => CachedBody::Events(reader.field()?),
         _ => return None,
     };
     // A value with bytes after the entry is not one this version wrote.
@@ -162,22 +146,17 @@ pub fn decode(value: Bytes) -> Option<CachedResponse> {
     Some(CachedResponse { identity, status, headers, body, ttl })
 }
 
-/// Whether a header may be written to Redis: never credentials.
-fn storable(name: &HeaderName, value: &HeaderValue) -> bool {
-    name != header::AUTHORIZATION && name != header::PROXY_AUTHORIZATION && !value.is_sensitive()
-}
-
 /// About the encoded size of `entry`, so that the buffer is allocated once.
 fn encoded_len_hint(entry: &CachedResponse) -> usize {
-    let headers: usize =
-        entry.headers.iter().map(|(name, value)| 8 + name.as_str().len() + value.len()).sum();
-    let body = match &entry.body {
-        CachedBody::Full(bytes) => 4 + bytes.len(),
-        CachedBody::Events(frames) => 4 + frames.iter().map(|frame| 4 + frame.len()).sum::<usize>(),
-    };
-    // Magic, version, tags, fixed-size fields and the scope (at most a key hash's text).
+    // Magic, version, tags, fixed-size fields, field lengths and the scope (at most a
+    // key hash's text).
     let fixed = 64 + KEY_HASH_TEXT_LEN;
-    fixed + entry.identity.method.as_str().len() + entry.identity.path.len() + headers + body
+    let identity = &entry.identity;
+    fixed
+        + identity.method.as_str().len()
+        + identity.path.len()
+        + entry.headers.len()
+        + entry.body.bytes().len()
 }
 
 /// Writes `bytes` as a field: its length as a `u32`, then the bytes; `None` if longer
@@ -224,12 +203,5 @@ impl Reader {
     fn text<T>(&mut self, read: impl FnOnce(&str) -> Option<T>) -> Option<T> {
         let field = self.field()?;
         read(std::str::from_utf8(&field).ok()?)
-    }
-
-    /// A count of items that each take at least 4 bytes: more than the bytes left
-    /// allow is malformed (and is never used to allocate).
-    fn count(&mut self) -> Option<usize> {
-        let count = usize::try_from(self.u32()?).ok()?;
-        (count <= self.0.remaining() / 4).then_some(count)
     }
 }

@@ -144,8 +144,8 @@ impl Checker<'_> {
         };
         let models = self.globs("models", &upstream.models);
         let weight = self.count("weight", &upstream.weight);
-        let connect_timeout = self.duration("connect_timeout", &upstream.connect_timeout, false);
-        let timeout = self.duration("timeout", &upstream.timeout, false);
+        let connect_timeout = self.duration("connect_timeout", &upstream.connect_timeout, false, super::DAY);
+        let timeout = self.duration("timeout", &upstream.timeout, false, super::WEEK);
         let ca_file = match &upstream.ca_file {
             None => Some(None),
             Some(path) => self.file("ca_file", path).map(Some),
@@ -159,6 +159,8 @@ impl Checker<'_> {
                 format!("`api_key` of upstream `{name}` has characters an http header cannot carry");
             self.report(key, message, "spaces, control characters and non-ascii are not allowed");
         }
+        let organization = self.header_text("organization", upstream.organization.as_ref());
+        let project = self.header_text("project", upstream.project.as_ref());
         Some(UpstreamConfig {
             name: name?,
             base_url: base_url?,
@@ -168,7 +170,20 @@ impl Checker<'_> {
             connect_timeout: connect_timeout?,
             timeout: timeout?,
             ca_file: ca_file?,
+            organization: organization?,
+            project: project?,
+            forward_caller_org: upstream.forward_caller_org,
         })
+    }
+
+    /// A value sent upstream as a header as it is written; empty means none.
+    fn header_text(&mut self, field: &str, value: Option<&Spanned<String>>) -> Option<Option<String>> {
+        let Some(value) = value.filter(|value| !value.get_ref().is_empty()) else { return Some(None) };
+        if !value.get_ref().bytes().all(|byte| byte.is_ascii_graphic()) {
+            let message = format!("`{field}` has characters an http header cannot carry");
+            return self.fail(value, message, "spaces, control characters and non-ascii are not allowed");
+        }
+        Some(Some(value.get_ref().clone()))
     }
 
     fn base_url(&mut self, value: &Spanned<String>) -> Option<Uri> {

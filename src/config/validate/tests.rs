@@ -282,3 +282,71 @@ fn all_problems_are_reported_in_one_run() {
         ["t.toml:2:10", "t.toml:3:1", "t.toml:5:8", "t.toml:7:16", "t.toml:9:7", "t.toml:10:1"]
     );
 }
+
+/// Every duration and size at its maximum, as `spillway check` accepts it.
+const AT_MAXIMUM: &str = "\
+[server]
+max_request_body = \"4GiB\"
+request_timeout = \"7d\"
+shutdown_grace = \"7d\"
+header_read_timeout = \"1d\"
+max_header_size = \"1MiB\"
+idle_timeout = \"1d\"
+[[upstreams]]
+name = \"a\"
+base_url = \"https://a/v1\"
+connect_timeout = \"1d\"
+timeout = \"7d\"
+[retry]
+base_delay = \"1d\"
+max_delay = \"1d\"
+[cache]
+max_size = \"1TiB\"
+ttl = \"365d\"
+[redis]
+url = \"redis://127.0.0.1:6379\"
+timeout = \"1m\"
+";
+
+#[test]
+fn durations_and_sizes_are_bounded() {
+    let config = load(AT_MAXIMUM).unwrap_or_else(|errors| panic!("{errors}"));
+    assert_eq!(config.server.request_timeout, Duration::from_secs(7 * 86_400));
+    assert_eq!(config.cache.max_size.as_u64(), 1 << 40);
+    // One more of anything is refused, every field in the same run, with the maximum.
+    let mut over = AT_MAXIMUM.to_owned();
+    for (max, more) in [
+        ("4GiB", "4097MiB"),
+        ("7d", "168h 1s"),
+        ("1d", "1441m"),
+        ("1MiB", "1025KiB"),
+        ("1TiB", "1025GiB"),
+        ("365d", "1y"),
+        ("1m", "61s"),
+    ] {
+        over = over.replace(&format!("\"{max}\""), &format!("\"{more}\""));
+    }
+    assert_eq!(
+        errors(&over),
+        [
+            "t.toml:2:20: error: `max_request_body` is too large: \"4097MiB\"\n  = help: the maximum is \"4GiB\"",
+            "t.toml:3:19: error: `request_timeout` is too long: \"168h 1s\"\n  = help: the maximum is \"7d\"",
+            "t.toml:4:18: error: `shutdown_grace` is too long: \"168h 1s\"\n  = help: the maximum is \"7d\"",
+            "t.toml:5:23: error: `header_read_timeout` is too long: \"1441m\"\n  = help: the maximum is \"1d\"",
+            "t.toml:6:19: error: `max_header_size` is too large: \"1025KiB\"\n  = help: the maximum is \"1MiB\"",
+            "t.toml:7:16: error: `idle_timeout` is too long: \"1441m\"\n  = help: the maximum is \"1d\"",
+            "t.toml:11:19: error: `connect_timeout` is too long: \"1441m\"\n  = help: the maximum is \"1d\"",
+            "t.toml:12:11: error: `timeout` is too long: \"168h 1s\"\n  = help: the maximum is \"7d\"",
+            "t.toml:14:14: error: `base_delay` is too long: \"1441m\"\n  = help: the maximum is \"1d\"",
+            "t.toml:15:13: error: `max_delay` is too long: \"1441m\"\n  = help: the maximum is \"1d\"",
+            "t.toml:17:12: error: `max_size` is too large: \"1025GiB\"\n  = help: the maximum is \"1TiB\"",
+            "t.toml:18:7: error: `ttl` is too long: \"1y\"\n  = help: the maximum is \"365d\"",
+            "t.toml:21:11: error: `redis timeout` is too long: \"61s\"\n  = help: the maximum is \"1m\"",
+        ]
+    );
+    // What broke every request: an `Instant` overflow at run time.
+    assert_eq!(
+        error("[server]\nrequest_timeout = \"18446744073709551615s\"\n"),
+        "t.toml:2:19: error: `request_timeout` is too long: \"18446744073709551615s\""
+    );
+}

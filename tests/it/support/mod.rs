@@ -2,5 +2,6 @@
 
 pub mod certs;
 pub mod gateway;
+pub mod raw;
 pub mod redis;
 pub mod upstream;

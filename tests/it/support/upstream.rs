@@ -196,6 +196,12 @@ impl Reply {
         Self::new(200, Kind::Reset)
     }
 
+    /// Answers with this status instead (an echo at 401, say).
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = StatusCode::from_u16(status).expect("invalid status code");
+        self
+    }
+
     /// Adds (or replaces) a response header.
     pub fn header(mut self, name: &str, value: &str) -> Self {
         let name = HeaderName::try_from(name).expect("invalid header name");
