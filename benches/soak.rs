@@ -241,7 +241,11 @@ max_delay = "10ms"
                 }
             }
         });
-        let line = started.recv_timeout(Duration::from_secs(30)).expect("startup line");
+        let Ok(line) = started.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway wrote no startup line within 30 s");
+        };
         let fields: serde_json::Value = serde_json::from_str(&line).expect("JSON startup line");
         let field = |name: &str| {
             fields[name].as_str().or_else(|| fields["fields"][name].as_str()).unwrap_or_default().to_owned()
