@@ -186,15 +186,20 @@ impl std::fmt::Display for UpstreamFailure {
     }
 }
 
-/// At most the first 200 bytes of a client-chosen string, for a message: an error
-/// echoes what it refers to without echoing a megabyte.
+/// A client-chosen string in an error message: an error echoes what it refers to
+/// without echoing a megabyte.
 fn shown(text: &str) -> std::borrow::Cow<'_, str> {
-    const MAX: usize = 200;
-    if text.len() <= MAX {
-        return text.into();
+    clip(text, 200)
+}
+
+/// `text`, or its first `max` bytes (cut on a character boundary) marked with `…` and
+/// the whole length: how client-chosen text appears in messages and log lines.
+pub(crate) fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
     }
-    let end = (0..=MAX).rev().find(|&end| text.is_char_boundary(end)).unwrap_or(0);
-    format!("{}…", &text[..end]).into()
+    let end = text.floor_char_boundary(max);
+    std::borrow::Cow::Owned(format!("{}…({} bytes)", &text[..end], text.len()))
 }
 
 /// Why the gateway could not start (exit code 2).

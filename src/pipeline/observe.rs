@@ -251,14 +251,9 @@ impl Tap for LogOnEnd {
     }
 }
 
-/// `text`, or its first [`MAX_LOGGED_LEN`] bytes (cut on a character boundary) marked
-/// with `…` and the whole length.
+/// `text` as a log line carries it: at most [`MAX_LOGGED_LEN`] bytes.
 fn clip(text: &str) -> Cow<'_, str> {
-    if text.len() <= MAX_LOGGED_LEN {
-        return Cow::Borrowed(text);
-    }
-    let end = text.floor_char_boundary(MAX_LOGGED_LEN);
-    Cow::Owned(format!("{}…({} bytes)", &text[..end], text.len()))
+    crate::error::clip(text, MAX_LOGGED_LEN)
 }
 
 #[cfg(test)]

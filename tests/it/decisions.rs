@@ -3,10 +3,9 @@
 //! upstream acts on, and the upstream gets exactly that path.
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    gateway::{TestGateway, config_for, http},
+    gateway::{TestGateway, config_for, exchange, http},
     upstream::{MockHandle, MockUpstream},
 };
 
@@ -23,16 +22,12 @@ models = ["gpt-4o*"]
 /// Sends one HTTP/1.1 request as written (HTTP clients normalise paths before they
 /// leave) and returns the status and the body parsed as JSON (`Null` if it is not).
 async fn raw(gateway: &TestGateway, method: &str, path: &str, key: &str, body: &str) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.expect("connect");
     let request = format!(
         "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: text/plain\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("read");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = exchange(gateway.addr, &request).await;
     let status = answer.get(9..12).and_then(|code| code.parse().ok()).unwrap_or(0);
     let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
@@ -322,8 +317,6 @@ async fn a_passthrough_keys_organization_and_project_are_part_of_its_cache_scope
 /// The same refusals from the release-built binary as a user runs it, raw over TCP.
 #[tokio::test]
 async fn the_binary_refuses_what_the_pipeline_refuses() {
-    use tokio::time::{Duration, timeout};
-
     use crate::cli::Running;
 
     let upstream = MockUpstream::new().start().await;
@@ -335,16 +328,7 @@ async fn the_binary_refuses_what_the_pipeline_refuses() {
     let running = Running::serve(&config);
     let send = |request: String| {
         let addr = running.addr();
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            stream.write_all(request.as_bytes()).await.expect("send");
-            let mut answer = Vec::new();
-            timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-                .await
-                .expect("closed in time")
-                .expect("read");
-            String::from_utf8_lossy(&answer).into_owned()
-        }
+        async move { exchange(addr, &request).await }
     };
     let request = |method: &str, path: &str, body: &str| {
         format!(

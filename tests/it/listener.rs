@@ -8,7 +8,11 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::support::{self, gateway::TestGateway, upstream::MockUpstream};
+use crate::support::{
+    self,
+    gateway::{TestGateway, exchange},
+    upstream::MockUpstream,
+};
 
 fn server(settings: &str, base_url: &str) -> String {
     format!(
@@ -243,13 +247,6 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(250), "closed before header_read_timeout");
 }
 
-/// Sends `request` on a new connection and returns all the gateway sent until it closed.
-async fn exchange(gateway: &TestGateway, request: &str) -> String {
-    let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("send");
-    read_until_closed(&mut stream).await
-}
-
 #[tokio::test]
 async fn ambiguous_lengths_and_host_headers_are_400() {
     let upstream = MockUpstream::new().start().await;
@@ -264,7 +261,7 @@ async fn ambiguous_lengths_and_host_headers_are_400() {
     let no_host = format!("{models}\r\n");
     let two_hosts = format!("{models}host: a\r\nhost: b\r\n\r\n");
     for request in [&both, &both_reversed, &no_host, &two_hosts] {
-        let answer = exchange(&gateway, request).await;
+        let answer = exchange(gateway.addr, request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{request}\n=> {answer}");
         assert!(answer.contains(r#""code":"invalid_request""#), "{answer}");
     }
@@ -280,13 +277,14 @@ async fn ambiguous_lengths_and_host_headers_are_400() {
         {:x}\r\n{fake}\r\n0\r\n\r\n",
         fake.len()
     );
-    let answer = exchange(&gateway, &format!("{good}{upload}{both}")).await;
+    let answer = exchange(gateway.addr, &format!("{good}{upload}{both}")).await;
     let statuses: Vec<&str> =
         answer.match_indices("HTTP/1.1 ").map(|(at, _)| &answer[at + 9..at + 12]).collect();
     assert_eq!(statuses, ["200", "404", "400"], "{answer}");
     assert_eq!(upstream.calls(), 2);
 
     // HTTP/1.0 needs no host.
-    let old = exchange(&gateway, "GET /v1/models HTTP/1.0\r\nauthorization: Bearer sk-caller\r\n\r\n").await;
+    let old =
+        exchange(gateway.addr, "GET /v1/models HTTP/1.0\r\nauthorization: Bearer sk-caller\r\n\r\n").await;
     assert!(old.starts_with("HTTP/1.0 200"), "{old}");
 }

@@ -113,6 +113,21 @@ base_url = "{base_url}"
     )
 }
 
+/// Sends `request` exactly as written on a new connection to `addr` (HTTP clients
+/// normalise what tests must send raw) and returns all the server sent until it
+/// closed the connection, which it must do within 10 s.
+pub async fn exchange(addr: impl tokio::net::ToSocketAddrs, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A plain HTTP/1.1 client.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().build().expect("reqwest client")
