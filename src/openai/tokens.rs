@@ -1,13 +1,14 @@
 //! Token estimates for admission against `tokens_per_minute`: how many tokens a request
 //! may spend before the upstream says how many it did.
 //!
-//! Prompt text is counted with OpenAI's own BPE encodings (`bpe-openai`, whose tables
-//! are built into the binary and loaded lazily, once, on first use or by [`warm_up`];
-//! the `bpe` cargo feature, on by default, brings them — without it, about 45 MB
-//! smaller, every model gets the approximate count):
-//! o200k_base for gpt-4o, gpt-4.1, gpt-4.5, gpt-5, the o-series and chatgpt-4o,
+//! Prompt text is counted with OpenAI's own BPE encodings, exactly as tiktoken counts
+//! them: o200k_base for gpt-4o, gpt-4.1, gpt-4.5, gpt-5, the o-series and chatgpt-4o,
 //! cl100k_base for gpt-4, gpt-3.5 and `text-embedding-*` (see [`Encoding::for_model`]).
 //! Other models get a cheap estimate: one token per 4 bytes of text, rounded up.
+//! The vocabularies are embedded compressed (1.5 MB, `vocab`) and unpacked once, on a
+//! thread of their own, by [`warm_up`] at startup or on first use (about 5 MB); the
+//! admit stage waits for them with [`ready`], so no estimate is ever made without
+//! them. Text is split into pieces by each encoding's pattern (`pieces`).
 //!
 //! What counts, read in one borrowed pass over the body (no `serde_json::Value`):
 //! - `messages` (chat): each message's `role`, text `content` (a string, or the `text`
@@ -19,10 +20,9 @@
 //! - a non-text part (image, audio, file) counts [`NON_TEXT_PART_TOKENS`], the price
 //!   of a low-detail image; the upstream's `usage` corrects it afterwards.
 //!
-//! BPE counting costs about 20–30 µs per KiB of text, so one body gets at most
-//! [`BPE_BUDGET_BYTES`] of it; text past that is counted by bytes / 4. Above that size
-//! (some 250k tokens) the estimate only needs to be in the right range, and a 16 MiB
-//! body stays a few tens of milliseconds of CPU.
+//! One body gets at most [`BPE_BUDGET_BYTES`] of BPE counting; text past that is
+//! counted by bytes / 4. Above that size (some 250k tokens) the estimate only needs to
+//! be in the right range, and a 16 MiB body stays a few tens of milliseconds of CPU.
 //!
 //! Tool and function definitions (`tools`, `functions`) are not counted. Values of an
 //! unexpected type count 0, and a body that is not JSON counts as text. Nothing here
@@ -33,6 +33,15 @@
 //! `n > 1`. Deciding what to do with the estimate is the limiter's business.
 
 mod body;
+mod pieces;
+mod vocab;
+
+use std::sync::{
+    Once,
+    atomic::{AtomicBool, Ordering},
+};
+
+use self::{pieces::Pattern, vocab::Vocabulary};
 
 /// Tokens charged for one image, audio or file part of a message.
 pub const NON_TEXT_PART_TOKENS: u64 = 85;
@@ -81,21 +90,19 @@ impl Encoding {
         }
     }
 
-    /// Tokens in `text`.
-    #[cfg(feature = "bpe")]
+    /// Tokens in `text`. Unpacks the vocabularies first if nothing has yet (a
+    /// blocking wait: on the request path, [`ready`] comes first).
     pub fn count(self, text: &str) -> u64 {
-        let count = match self {
-            Self::O200kBase => bpe_openai::o200k_base().count(text),
-            Self::Cl100kBase => bpe_openai::cl100k_base().count(text),
-            Self::Approximate => return approximate(text.len()),
+        let tables = tables();
+        let tokenizer = match self {
+            Self::O200kBase => tables.o200k.as_ref(),
+            Self::Cl100kBase => tables.cl100k.as_ref(),
+            Self::Approximate => None,
         };
-        u64::try_from(count).unwrap_or(u64::MAX)
-    }
-
-    /// Tokens in `text`: built without the `bpe` feature, every model is approximate.
-    #[cfg(not(feature = "bpe"))]
-    pub fn count(self, text: &str) -> u64 {
-        approximate(text.len())
+        match tokenizer {
+            Some(tokenizer) => tokenizer.count(text),
+            None => approximate(text.len()),
+        }
     }
 }
 
@@ -109,14 +116,76 @@ fn approximate(bytes: usize) -> u64 {
     u64::try_from(bytes.div_ceil(4)).unwrap_or(u64::MAX)
 }
 
-/// Loads both BPE tables now (tens of milliseconds, tens of MiB), so the first request
-/// that needs one does not wait. Call once at startup, off the request path.
-pub fn warm_up() {
-    #[cfg(feature = "bpe")]
-    {
-        let _ = bpe_openai::o200k_base();
-        let _ = bpe_openai::cl100k_base();
+/// A vocabulary and the pattern its text is split by.
+struct Tokenizer {
+    vocabulary: Vocabulary,
+    pattern: Pattern,
+}
+
+impl Tokenizer {
+    fn unpack(name: &str, packed: &[u8], pattern: Pattern) -> Option<Self> {
+        match Vocabulary::unpack(packed) {
+            Ok(vocabulary) => Some(Self { vocabulary, pattern }),
+            Err(error) => {
+                // The tests check the embedded data: this would be a broken build.
+                tracing::error!(%error, "cannot unpack the {name} vocabulary; its models are estimated at 4 bytes a token");
+                None
+            }
+        }
     }
+
+    fn count(&self, text: &str) -> u64 {
+        let pieces = pieces::split(self.pattern, text);
+        let tokens: usize = pieces.map(|piece| self.vocabulary.count(piece.as_bytes())).sum();
+        u64::try_from(tokens).unwrap_or(u64::MAX)
+    }
+}
+
+/// Both encodings, once unpacked; `None` for one that could not be.
+struct Tables {
+    o200k: Option<Tokenizer>,
+    cl100k: Option<Tokenizer>,
+}
+
+static TABLES: tokio::sync::SetOnce<Tables> = tokio::sync::SetOnce::const_new();
+
+/// The tables: unpacked here if nothing has yet, waited for if another thread is at it.
+fn tables() -> &'static Tables {
+    static UNPACK: Once = Once::new();
+    static NONE: Tables = Tables { o200k: None, cl100k: None };
+    UNPACK.call_once(|| {
+        let o200k = include_bytes!("tokens/vocab/o200k_base.zlib");
+        let cl100k = include_bytes!("tokens/vocab/cl100k_base.zlib");
+        let _ = TABLES.set(Tables {
+            o200k: Tokenizer::unpack("o200k_base", o200k, Pattern::O200k),
+            cl100k: Tokenizer::unpack("cl100k_base", cl100k, Pattern::Cl100k),
+        });
+    });
+    TABLES.get().unwrap_or(&NONE)
+}
+
+/// Starts unpacking the vocabularies on a thread of their own, once; returns at once.
+pub fn warm_up() {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if STARTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("spillway-vocab".into()).spawn(|| {
+        tables();
+    });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "no thread for the vocabularies; the first estimate unpacks them");
+    }
+}
+
+/// Waits until the vocabularies are unpacked, starting that if nothing has yet; at
+/// once after the first time.
+pub async fn ready() {
+    if TABLES.initialized() {
+        return;
+    }
+    warm_up();
+    TABLES.wait().await;
 }
 
 /// Tokens in `text` for `model`: used to count a streamed completion when the
@@ -172,6 +241,71 @@ mod tests {
         assert_eq!(count_text("gpt-4", "hello world"), 2);
         assert_eq!(count_text("gpt-4o", ""), 0);
         assert_eq!(count_text("some-local-model", "hello world"), 3, "11 bytes / 4, rounded up");
+    }
+
+    /// Characters from every class the split patterns tell apart, and the contraction
+    /// letters in both cases (and the long s, which `(?i)` folds to `s`).
+    const ALPHABET: &[char] = &[
+        'a', 'b', 'Z', 'É', 'é', 'ǅ', 'ʰ', '中', 'テ', '\u{301}', '\u{903}', '𝐀', 's', 'S', 'ſ', 't', 'T',
+        'r', 'e', 'E', 'v', 'm', 'l', 'L', 'd', '\'', '0', '7', '٣', 'Ⅻ', '½', '𝟎', ' ', ' ', '\t', '\r',
+        '\n', '\u{a0}', '\u{85}', '\u{2028}', '\u{3000}', '!', '/', '.', '-', '"', '😀', '\u{200d}',
+        '\u{feff}', '\u{7f}',
+    ];
+
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(ALPHABET), 0..48).prop_map(String::from_iter)
+    }
+
+    /// Ours and the reference tokenizer (tiktoken's own patterns, through regex-automata).
+    fn encodings() -> [(Encoding, Pattern, &'static bpe_openai::Tokenizer); 2] {
+        [
+            (Encoding::O200kBase, Pattern::O200k, bpe_openai::o200k_base()),
+            (Encoding::Cl100kBase, Pattern::Cl100k, bpe_openai::cl100k_base()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn splits_and_counts_exactly_as_tiktoken_does(text in text()) {
+            for (encoding, pattern, reference) in encodings() {
+                let ours: Vec<&str> = pieces::split(pattern, &text).collect();
+                let expected: Vec<&str> = reference.split(&text).collect();
+                prop_assert_eq!(ours, expected, "{:?}", encoding);
+                prop_assert_eq!(encoding.count(&text), reference.count(&text) as u64, "{:?}", encoding);
+            }
+        }
+    }
+
+    #[test]
+    fn counts_real_text_exactly_as_tiktoken_does() {
+        let texts = [
+            "You are a helpful assistant. Answer in one sentence, please!",
+            "fn main() {\n    println!(\"{}\", 42);\n}\n\n\n    // trailing   ",
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"It's   12345678 o'clock"}]}"#,
+            "Ünïcödé tëxt, ΕΛΛΗΝΙΚΆ κείμενα, русский текст, 日本語のテキスト、中文文本。",
+            "I'M SURE YOU'LL SEE IT'S THERE, aren't you? We'd've known. https://example.com/a/b?c=d",
+            "  leading spaces\r\n\r\nand CRLF lines\t\ttabs  \u{3000}ideographic space",
+            "१२३ ٤٥٦ 七八九 ⅠⅡⅢ ½¾ 🙂🙃 👩‍💻 e\u{301}\u{301}",
+        ];
+        for text in texts {
+            for (encoding, _, reference) in encodings() {
+                assert_eq!(encoding.count(text), reference.count(text) as u64, "{encoding:?}: {text}");
+            }
+        }
+        let long = texts.concat().repeat(50);
+        for (encoding, _, reference) in encodings() {
+            assert_eq!(encoding.count(&long), reference.count(&long) as u64, "{encoding:?}");
+        }
+    }
+
+    #[test]
+    fn long_runs_merge_exactly_as_tiktoken_does() {
+        for text in ["a".repeat(3000), " ".repeat(2000), "ab".repeat(700), "1".repeat(500), "!?".repeat(400)]
+        {
+            for (encoding, _, reference) in encodings() {
+                assert_eq!(encoding.count(&text), reference.count(&text) as u64, "{encoding:?}");
+            }
+        }
     }
 
     #[test]

@@ -82,6 +82,10 @@ impl<S: ProxyService> Service<ProxyRequest> for Admit<S> {
             if quota.is_unlimited() {
                 return pass_unlimited(inner, request).await;
             }
+            if quota.tokens_per_minute.is_some() {
+                // Only until the vocabularies are unpacked, just after startup.
+                tokens::ready().await;
+            }
             let estimate = match (&request.body, &request.call.model, quota.tokens_per_minute) {
                 (RequestBody::Buffered(body), Some(model), Some(_)) if body.len() > BLOCKING_ESTIMATE => {
                     // About 1 ms of BPE per 64 KiB: keep it off the I/O workers.

@@ -165,6 +165,8 @@ impl Metered {
         let Some(settlement) = self.settlement.take() else { return };
         let actual = match &mut self.watch {
             _ if self.free => 0,
+            // No token bucket to settle: nothing to count.
+            _ if settlement.quota.tokens_per_minute.is_none() => settlement.estimate.total(),
             _ if usage.is_some() => usage.map_or(0, |usage| usage.total_tokens),
             Watch::Stream(watch) => settlement.estimate.prompt + watch.completion_tokens(&self.model),
             Watch::Free => 0,
