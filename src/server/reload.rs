@@ -61,56 +61,63 @@ pub async fn on_sighup(mut hangups: Signal, live: Arc<Live>, path: Option<PathBu
     }
 }
 
-/// Reloads from `path` whenever its directory changes, forever, so editors that replace
-/// the file (write, then rename) and ConfigMap updates are seen too; a burst of events
-/// becomes one reload once the directory has been quiet for [`SETTLE`].
+/// Reloads from `path` whenever the file it names changes, forever: written in place,
+/// replaced by a rename (editors), or swapped behind a symlink (a Kubernetes ConfigMap
+/// update swaps a `..data` link). The file's metadata, symlinks followed, is read every
+/// [`POLL`]; a change is reloaded once it has held still for [`SETTLE`]. Polling one
+/// file costs one `stat` a second however busy its directory is, where a directory
+/// watch would wake on every write next to it (a log file, say).
 pub async fn on_file_change(live: Arc<Live>, path: PathBuf, overrides: Overrides) {
-    use notify::{RecursiveMode, Watcher};
-
-    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    // The file's own name, and the name it links to when it is a symlink (a link to
-    // another file of the same directory is edited under that name).
-    let names: Vec<std::ffi::OsString> = [Some(path.clone()), std::fs::read_link(&path).ok()]
-        .into_iter()
-        .flatten()
-        .filter_map(|name| name.file_name().map(ToOwned::to_owned))
-        .collect();
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // An event without paths (the watcher lost track, e.g. an overflow) may be one.
-        if event.is_ok_and(|event| {
-            !event.kind.is_access()
-                && (event.paths.is_empty()
-                    || event.paths.iter().any(|changed| concerns_config(changed, &names)))
-        }) {
-            let _ = changed.send(());
+    let mut seen = stamp(&path).await;
+    let mut ticks = tokio::time::interval(POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let mut now = stamp(&path).await;
+        if now.is_none() || now == seen {
+            // Gone for a moment (a ConfigMap swap, an editor's rename) or unchanged.
+            continue;
         }
-    }) {
-        Ok(watcher) => watcher,
-        Err(error) => return tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only"),
-    };
-    let directory = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if let Err(error) = watcher.watch(directory, RecursiveMode::NonRecursive) {
-        return tracing::warn!(%error, "cannot watch the config file; reload on SIGHUP only");
-    }
-    while changes.recv().await.is_some() {
-        // Let the writer finish: wait until no event came for a moment.
-        while let Ok(Some(())) = tokio::time::timeout(SETTLE, changes.recv()).await {}
+        // Let the writer finish: wait until it stops changing.
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let settled = stamp(&path).await;
+            if settled == now {
+                break;
+            }
+            now = settled;
+        }
+        seen = now;
         reload(&live, &path, &overrides);
     }
 }
 
-/// Whether a change at `changed` in the config's directory can change the config: the
-/// file itself under one of its `names` (written, or replaced by a rename), or a
-/// Kubernetes ConfigMap update, which swaps a `..data` symlink and never touches the
-/// file's own name. Other files (a log written next to the config, an editor's swap
-/// file) do not count, or a log line about a reload would set off the next one.
-fn concerns_config(changed: &Path, names: &[std::ffi::OsString]) -> bool {
-    changed.file_name().is_some_and(|name| {
-        names.iter().any(|config| config.as_os_str() == name) || name.as_encoded_bytes().starts_with(b"..")
+/// What tells one version of the config file from another: the metadata of the file
+/// `path` leads to. `None` while it cannot be read.
+async fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+
+    let metadata = tokio::fs::metadata(path).await.ok()?;
+    Some(Stamp {
+        file: (metadata.dev(), metadata.ino()),
+        len: metadata.len(),
+        modified: (metadata.mtime(), metadata.mtime_nsec()),
+        changed: (metadata.ctime(), metadata.ctime_nsec()),
     })
 }
 
-/// How long the config file must be quiet before a change is reloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    file: (u64, u64),
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+/// How often the config file's metadata is read.
+const POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a change must hold still before it is reloaded.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Reads, validates and swaps in the config at `path`, or logs why not.

@@ -39,8 +39,7 @@ fn config(base_url: &str, requests_per_minute: u32) -> String {
 #[tokio::test]
 async fn sighup_changes_a_limit_live_and_an_invalid_file_changes_nothing() {
     let upstream = MockUpstream::new().start().await;
-    // The gateway reads a symlink; the file it points to lives in a directory it does
-    // not watch, so only the signal can make it reload.
+    // The gateway reads a symlink to a file in another directory.
     let dir = tempfile::tempdir().expect("tempdir");
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let path = elsewhere.path().join("spillway.toml");
