@@ -40,7 +40,13 @@ pub const BUILD_INFO: &str = "spillway_build_info";
 pub const RELOADS: &str = "spillway_config_reloads_total";
 pub const RUNTIME_TASKS: &str = "spillway_runtime_tasks";
 
-/// Installs the process-wide Prometheus recorder, once. `None` if one was installed
+/// How often histogram samples are folded into their buckets when no scrape does it.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder, once, and (inside a tokio runtime)
+/// the task that folds histogram samples into their buckets every [`UPKEEP_EVERY`]:
+/// the exporter keeps every sample until then, so without it a gateway nobody scrapes
+/// would grow by 8 bytes per sample forever. `None` if a recorder was installed
 /// already (an embedding process, or tests starting several gateways).
 pub fn install() -> Option<PrometheusHandle> {
     let gateway_buckets = [0.000_05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
@@ -52,6 +58,16 @@ pub fn install() -> Option<PrometheusHandle> {
         .and_then(|builder| builder.install_recorder())
         .ok()?;
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let handle = handle.clone();
+        runtime.spawn(async move {
+            let mut ticks = tokio::time::interval(UPKEEP_EVERY);
+            loop {
+                ticks.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
     Some(handle)
 }
 

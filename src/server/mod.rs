@@ -146,7 +146,8 @@ pub async fn run(
     use crate::error::StartupError;
 
     // Before anything records a metric (the Redis link sets its gauge when built).
-    let metrics = crate::metrics::install();
+    // Without an admin listener nobody can read them, so none are recorded.
+    let metrics = config.server.admin_listen.and_then(|_| crate::metrics::install());
     let runtime = Arc::new(Runtime::new(config)?);
     if runtime.config.default_limits.tokens_per_minute.is_some()
         || runtime.config.keys.iter().any(|key| key.limits.tokens_per_minute.is_some())
