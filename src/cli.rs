@@ -91,7 +91,10 @@ impl Cli {
     }
 
     fn serve(&self) -> Exit {
-        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        // A worker about to wait for work first writes out the access lines held back.
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        runtime.enable_all().on_thread_park(telemetry::flush);
+        let runtime = match runtime.build() {
             Ok(runtime) => runtime,
             Err(error) => {
                 eprintln!("error: cannot start the async runtime: {error}");

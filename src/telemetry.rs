@@ -1,8 +1,12 @@
 //! Logging and tracing: a `tracing` subscriber writing one event per line to stdout,
-//! as JSON or as human-readable text, and, when built with the `otlp` feature and
-//! asked to by the standard `OTEL_EXPORTER_OTLP_*` environment, each request's span
-//! exported over OTLP/HTTP (protobuf), parented to the caller's W3C `traceparent`.
+//! as JSON or as human-readable text (`lines`), and, when built with the `otlp`
+//! feature and asked to by the standard `OTEL_EXPORTER_OTLP_*` environment, each
+//! request's span exported over OTLP/HTTP (protobuf), parented to the caller's W3C
+//! `traceparent`.
 
+mod lines;
+
+pub use lines::{ACCESS, flush};
 use tracing_subscriber::{EnvFilter, Layer, Registry, layer::SubscriberExt, util::SubscriberInitExt};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -24,8 +28,10 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Flushes spans not yet exported (bounded by the exporter's own timeout).
+    /// Writes out the log lines held back, and flushes spans not yet exported (bounded
+    /// by the exporter's own timeout).
     pub fn shutdown(self) {
+        flush();
         #[cfg(feature = "otlp")]
         if let Some(traces) = self.traces {
             traces.shutdown();
@@ -35,7 +41,8 @@ impl Telemetry {
 
 /// Installs the global subscriber. `level` is a level (`info`) or a `RUST_LOG`-style
 /// filter (`spillway=debug,hyper=warn`); without one, `RUST_LOG` applies, then `info`.
-/// With the `otlp` feature, call it inside the tokio runtime: the exporter runs on it.
+/// Call it inside the tokio runtime: the flush of held-back lines (and, with the
+/// `otlp` feature, the exporter) runs on it.
 pub fn init(format: LogFormat, level: Option<&str>) -> Result<Telemetry, String> {
     let filter = match level {
         Some(level) => {
@@ -47,13 +54,22 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<Telemetry, String>
     // pipe; `NO_COLOR` (no-color.org) turns them off there too.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
         && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stdout).with_ansi(colour);
-    let lines: BoxedLayer = match format {
-        LogFormat::Json => {
-            lines.json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
-        }
-        LogFormat::Pretty => lines.boxed(),
-    };
+    let json = format == LogFormat::Json;
+    let lines: BoxedLayer = tracing_subscriber::fmt::layer()
+        .with_writer(lines::Stdout)
+        .fmt_fields(lines::SpanFields { json })
+        .event_format(lines::Lines { json, colour })
+        .boxed();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        // Held-back access lines go out within FLUSH_EVERY, however busy the workers.
+        runtime.spawn(async {
+            let mut ticks = tokio::time::interval(lines::FLUSH_EVERY);
+            loop {
+                ticks.tick().await;
+                flush();
+            }
+        });
+    }
     #[allow(unused_mut)]
     let mut layers = vec![lines];
     #[allow(unused_mut)]

@@ -132,18 +132,28 @@ fn request_id<B>(request: &Request<B>) -> HeaderValue {
         .get(X_REQUEST_ID)
         .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN)
         .cloned()
-        .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("-"))
-        })
+        .unwrap_or_else(new_request_id)
+}
+
+/// 32 random hex digits, as OpenAI's own request ids have (without a syscall: ids need
+/// to be unique, not unpredictable).
+fn new_request_id() -> HeaderValue {
+    let random = fastrand::u128(..);
+    let mut hex = [0u8; 32];
+    for (at, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[(random >> (124 - 4 * at)) as usize & 15];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// `spillway;dur=MS, upstream;dur=MS` followed by the upstream's own entries.
 fn server_timing(line: &AccessLine, upstream_entries: http::header::GetAll<'_, HeaderValue>) -> String {
-    let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
-    let mut timing = format!("spillway;dur={:.3}", millis(line.overhead));
+    let mut timing = String::with_capacity(64);
+    timing.push_str("spillway;dur=");
+    push_millis(&mut timing, line.overhead);
     if let Some(outcome) = &line.upstream {
-        timing.push_str(&format!(", upstream;dur={:.3}", millis(outcome.wait)));
+        timing.push_str(", upstream;dur=");
+        push_millis(&mut timing, outcome.wait);
     }
     for entry in upstream_entries.iter().filter_map(|value| value.to_str().ok()) {
         timing.push_str(", ");
@@ -197,6 +207,7 @@ impl AccessLine {
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
+                    target: crate::telemetry::ACCESS,
                     $level,
                     method = %clip(self.method.as_str()),
                     path = %self.path,
@@ -210,8 +221,8 @@ impl AccessLine {
                     completion_tokens = usage.map(|usage| usage.completion_tokens),
                     error,
                     body_bytes = self.body_bytes,
-                    overhead_ms = self.overhead.as_secs_f64() * 1000.0,
-                    latency_ms = duration.as_secs_f64() * 1000.0,
+                    overhead_ms = millis(self.overhead),
+                    latency_ms = millis(duration),
                     outcome,
                     "{detail}"
                 )
@@ -248,6 +259,22 @@ impl Tap for LogOnEnd {
         let duration = line.started.map(|started| started.elapsed()).unwrap_or_default();
         let model = line.exchange.model.as_deref().unwrap_or_default();
         metrics::request(line.exchange.key.as_ref(), model, upstream, line.status, duration);
+    }
+}
+
+/// A duration in milliseconds, to the microsecond, as the access line gives it.
+fn millis(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1000.0
+}
+
+/// Appends `duration` in milliseconds with three decimals (`12.345`).
+fn push_millis(text: &mut String, duration: Duration) {
+    let micros = duration.as_micros();
+    let (whole, fraction) = (micros / 1000, micros % 1000);
+    text.push_str(&whole.to_string());
+    text.push('.');
+    for divisor in [100, 10, 1] {
+        text.push(char::from(b'0' + (fraction / divisor % 10) as u8));
     }
 }
 

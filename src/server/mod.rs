@@ -195,6 +195,7 @@ pub async fn run(
         tokio::spawn(async move {
             signals.recv().await;
             tracing::warn!("second shutdown signal; exiting now");
+            crate::telemetry::flush();
             std::process::exit(0);
         });
     };
