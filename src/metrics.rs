@@ -19,7 +19,10 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -33,6 +36,7 @@ pub const REQUEST_DURATION: &str = "spillway_request_duration_seconds";
 pub const OVERHEAD: &str = "spillway_overhead_seconds";
 pub const UPSTREAM_FIRST_BYTE: &str = "spillway_upstream_time_to_first_byte_seconds";
 pub const INFLIGHT: &str = "spillway_inflight_requests";
+pub const ATTEMPTS: &str = "spillway_upstream_attempts_total";
 pub const RATE_LIMITED: &str = "spillway_rate_limited_total";
 pub const CACHE_LOOKUPS: &str = "spillway_cache_lookups_total";
 pub const TOKENS: &str = "spillway_tokens_total";
@@ -57,6 +61,7 @@ pub fn install() -> Option<PrometheusHandle> {
         .and_then(|builder| builder.set_buckets(&request_buckets))
         .and_then(|builder| builder.install_recorder())
         .ok()?;
+    RECORDING.store(true, Ordering::Relaxed);
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         let handle = handle.clone();
@@ -69,6 +74,14 @@ pub fn install() -> Option<PrometheusHandle> {
         });
     }
     Some(handle)
+}
+
+/// Whether [`install`] put a recorder in place. The per-request helpers below return
+/// at once when not: their label values would be built for nothing.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
 }
 
 /// Passthrough keys labelled by their hash prefix; the others are `other`.
@@ -143,6 +156,9 @@ impl LabelSet {
 
 /// One finished request, as the access log saw it; `model` is empty when it named none.
 pub fn request(key: Option<&KeyId>, model: &str, upstream: &str, status: u16, duration: Duration) {
+    if !recording() {
+        return;
+    }
     let served = (200..300).contains(&status);
     let labels = [
         ("key", key_label(key, served)),
@@ -156,6 +172,9 @@ pub fn request(key: Option<&KeyId>, model: &str, upstream: &str, status: u16, du
 
 /// Time to the response head spent in the gateway itself, and waiting for the upstream.
 pub fn response_head(overhead: Duration, upstream_wait: Option<Duration>) {
+    if !recording() {
+        return;
+    }
     metrics::histogram!(OVERHEAD).record(overhead.as_secs_f64());
     if let Some(wait) = upstream_wait {
         metrics::histogram!(UPSTREAM_FIRST_BYTE).record(wait.as_secs_f64());
@@ -174,28 +193,49 @@ pub struct InFlight(());
 
 impl InFlight {
     pub fn enter() -> Self {
-        metrics::gauge!(INFLIGHT).increment(1.0);
+        if recording() {
+            metrics::gauge!(INFLIGHT).increment(1.0);
+        }
         Self(())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(INFLIGHT).decrement(1.0);
+        if recording() {
+            metrics::gauge!(INFLIGHT).decrement(1.0);
+        }
     }
 }
 
+/// One attempt at an upstream and how it ended.
+pub fn attempt(upstream: &str, outcome: &'static str) {
+    if !recording() {
+        return;
+    }
+    metrics::counter!(ATTEMPTS, "upstream" => upstream.to_owned(), "outcome" => outcome).increment(1);
+}
+
 pub fn rate_limited(key: &KeyId, limit: &'static str) {
+    if !recording() {
+        return;
+    }
     metrics::counter!(RATE_LIMITED, "key" => key_label(Some(key), false), "limit" => limit).increment(1);
 }
 
 pub fn cache_lookup(result: &'static str) {
+    if !recording() {
+        return;
+    }
     metrics::counter!(CACHE_LOOKUPS, "result" => result).increment(1);
 }
 
 /// Tokens a successful response really used, by kind (`prompt`, `completion`); `model`
 /// is empty when the request named none.
 pub fn tokens(key: &KeyId, model: &str, prompt: u64, completion: u64) {
+    if !recording() {
+        return;
+    }
     let (key, model) = (key_label(Some(key), true), model_label(model, true));
     for (kind, count) in [("prompt", prompt), ("completion", completion)] {
         let labels =

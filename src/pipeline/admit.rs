@@ -179,9 +179,10 @@ pub fn insert_ratelimit_headers(headers: &mut HeaderMap, snapshot: &RateSnapshot
             }
             _ => ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
         };
-        let values = [bucket.limit.to_string(), bucket.remaining.to_string(), format_reset(bucket.reset)];
+        let reset = HeaderValue::try_from(format_reset(bucket.reset));
+        let values = [Ok(HeaderValue::from(bucket.limit)), Ok(HeaderValue::from(bucket.remaining)), reset];
         for (name, value) in names.into_iter().zip(values) {
-            if let Ok(value) = HeaderValue::try_from(value) {
+            if let Ok(value) = value {
                 headers.insert(HeaderName::from_static(name), value);
             }
         }

@@ -35,9 +35,6 @@ use super::{
 };
 use crate::{config::RetryConfig, error::GatewayError, upstream};
 
-/// The metric counting attempts by upstream and outcome.
-pub const ATTEMPTS_METRIC: &str = "spillway_upstream_attempts_total";
-
 #[derive(Clone)]
 pub struct Retry {
     policy: Arc<RetryConfig>,
@@ -92,8 +89,7 @@ async fn attempts(
             Attempt::Response(_) => (false, None, "response"),
             Attempt::Failed { retryable, error } => (*retryable, None, error.code()),
         };
-        metrics::counter!(ATTEMPTS_METRIC, "upstream" => upstream.name.clone(), "outcome" => outcome)
-            .increment(1);
+        crate::metrics::attempt(&upstream.name, outcome);
         match &result {
             Attempt::Response(response) if !response.status().is_server_error() && !retryable => {
                 upstream.health.success();
