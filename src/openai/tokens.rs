@@ -156,6 +156,7 @@ fn tables() -> &'static Tables {
     UNPACK.call_once(|| {
         let o200k = include_bytes!("tokens/vocab/o200k_base.zlib");
         let cl100k = include_bytes!("tokens/vocab/cl100k_base.zlib");
+        pieces::warm_up();
         let _ = TABLES.set(Tables {
             o200k: Tokenizer::unpack("o200k_base", o200k, Pattern::O200k),
             cl100k: Tokenizer::unpack("cl100k_base", cl100k, Pattern::Cl100k),

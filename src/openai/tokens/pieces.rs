@@ -32,6 +32,11 @@ pub(super) fn split(pattern: Pattern, text: &str) -> Pieces<'_> {
     Pieces { scan: Scan { text, classes: classes() }, pattern, at: 0 }
 }
 
+/// Builds the character class table now (a few milliseconds), not on first use.
+pub(super) fn warm_up() {
+    classes();
+}
+
 /// Character classes, one bit each.
 const LETTER: u8 = 1; // \p{L}
 const NUMBER: u8 = 2; // \p{N}
