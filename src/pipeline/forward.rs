@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode, Version, header, header::HeaderName};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -36,7 +36,12 @@ use tokio::time::{Instant, Sleep};
 use super::{GatewayResponse, ProxyRequest, RequestBody};
 use crate::{
     error::{BoxError, GatewayError, UpstreamFailure},
-    upstream::{Upstream, UpstreamBody, headers},
+    upstream::{
+        Upstream, UpstreamBody,
+        connect::ConnectError,
+        headers,
+        pool::{Relay, SendError},
+    },
 };
 
 const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
@@ -65,11 +70,7 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
         outgoing = outgoing.map(|body| Upload { body, held_up_by_client: waiting }.boxed_unsync());
     }
     let attempt_deadline = (Instant::now() + upstream.timeout).min(request.deadline);
-    let client = match headers::is_upgrade(outgoing.headers()) {
-        true => &upstream.clients.http1,
-        false => &upstream.clients.any,
-    };
-    let sent = tokio::time::timeout_at(attempt_deadline, client.request(outgoing)).await;
+    let sent = tokio::time::timeout_at(attempt_deadline, upstream.pool.send(outgoing)).await;
     let mut response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
@@ -107,13 +108,13 @@ fn upstream_request(
     let head = &request.head;
     let path =
         head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let uri = upstream.url_for(&path).map_err(|error| GatewayError::Internal(error.into()))?;
+    let uri = upstream.target_for(&path).map_err(|error| GatewayError::Internal(error.into()))?;
 
     let mut headers = head.headers.clone();
     let upgrade = headers::is_upgrade(&headers);
     headers::strip_hop_by_hop(&mut headers, upgrade);
     headers::strip_method_overrides(&mut headers);
-    headers.remove(header::HOST);
+    headers.insert(header::HOST, upstream.host.clone());
     // The client's `100-continue` was answered when its body was read (or is answered
     // as it streams); the upstream gets the body without waiting.
     headers.remove(header::EXPECT);
@@ -152,11 +153,19 @@ fn upstream_request(
 /// A failed send as the caller sees it: an error of the caller's body (over the limit,
 /// stalled: ingress put it in the body) is the caller's, anything else the upstream's
 /// 502, saying what went wrong as far as the error chain tells.
-fn transport_error(upstream: &Upstream, error: hyper_util::client::legacy::Error) -> GatewayError {
-    let mut failure = None;
+fn transport_error(upstream: &Upstream, error: SendError) -> GatewayError {
+    let mut failure = match &error {
+        SendError::Connect(ConnectError::Dns(_)) => Some(UpstreamFailure::Dns),
+        SendError::Connect(ConnectError::Tls(_)) => Some(UpstreamFailure::Tls),
+        SendError::Connect(ConnectError::Timeout(_)) => Some(UpstreamFailure::Connect),
+        _ => None,
+    };
+    let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
+        SendError::Connect(error) => (true, error),
+        SendError::Http(error) => (false, error),
+    };
     let mut details: Vec<String> = Vec::new();
-    // The chain's head is hyper-util's "client error (Connect)": `failure` says more.
-    let mut cause = std::error::Error::source(&error);
+    let mut cause = Some(root);
     while let Some(error) = cause {
         if let Some(client) = error.downcast_ref::<GatewayError>().and_then(client_body_error) {
             return client;
@@ -172,7 +181,7 @@ fn transport_error(upstream: &Upstream, error: hyper_util::client::legacy::Error
             None => error.source(),
         };
     }
-    let failure = failure.unwrap_or(match error.is_connect() {
+    let failure = failure.unwrap_or(match connecting {
         true => UpstreamFailure::Connect,
         false => UpstreamFailure::Other,
     });
@@ -194,16 +203,12 @@ fn failure_of(error: &(dyn std::error::Error + 'static)) -> Option<UpstreamFailu
             _ => None,
         };
     }
-    if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-        if hyper.is_parse() || hyper.is_parse_status() || hyper.is_parse_too_large() {
-            return Some(UpstreamFailure::InvalidResponse);
-        }
-        if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
-            return Some(UpstreamFailure::Closed);
-        }
+    let hyper = error.downcast_ref::<hyper::Error>()?;
+    if hyper.is_parse() || hyper.is_parse_status() || hyper.is_parse_too_large() {
+        return Some(UpstreamFailure::InvalidResponse);
     }
-    // hyper-util does not export its connect error type; this is its message.
-    (error.to_string() == "dns error").then_some(UpstreamFailure::Dns)
+    (hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed())
+        .then_some(UpstreamFailure::Closed)
 }
 
 /// The caller's own error, when its body failed the send.
@@ -220,7 +225,7 @@ fn client_body_error(error: &GatewayError) -> Option<GatewayError> {
 /// request id renamed, its body relayed frame by frame until the deadline, and in an
 /// error (status >= 400) the upstream's `api_key` masked, should it echo the credential
 /// it got.
-fn relay(response: Response<Incoming>, deadline: Instant, upstream: &Upstream) -> GatewayResponse {
+fn relay(response: Response<Relay>, deadline: Instant, upstream: &Upstream) -> GatewayResponse {
     let (mut head, body) = response.into_parts();
     let upgrade = head.status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut head.headers, upgrade);
@@ -278,7 +283,7 @@ pin_project! {
     /// never outlive `server.request_timeout`.
     struct UntilDeadline {
         #[pin]
-        body: Incoming,
+        body: Relay,
         #[pin]
         deadline: Sleep,
     }

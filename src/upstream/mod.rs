@@ -13,20 +13,21 @@ use crate::{
     error::StartupError,
 };
 
-pub mod client;
+pub mod connect;
 pub mod forwarded;
 pub mod headers;
 pub mod health;
 pub mod path;
+pub mod pool;
 
-pub use client::{HttpClient, UpstreamBody};
+pub use pool::{Pool, UpstreamBody};
 
 /// One configured provider endpoint and its connection pool.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
+    /// The `host` header its requests carry: the base URL's authority.
+    pub host: HeaderValue,
     /// The base URL's path without a trailing slash, e.g. `/v1` or `/openai/deployments/x`.
     base_path: String,
     /// `Bearer <api_key>`, marked sensitive; `None` forwards the caller's key.
@@ -38,19 +39,22 @@ pub struct Upstream {
     pub weight: u32,
     /// Per attempt, until the response head.
     pub timeout: Duration,
-    pub clients: client::Clients,
+    pub pool: Arc<Pool>,
     pub health: health::Health,
 }
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, StartupError> {
         let parts = config.base_url.clone().into_parts();
-        let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+        let (Some(_), Some(authority)) = (parts.scheme, parts.authority) else {
             return Err(StartupError::Other(format!(
                 "upstream `{}`: base_url must be absolute",
                 config.name
             )));
         };
+        let host = HeaderValue::try_from(authority.as_str()).map_err(|_| {
+            StartupError::Other(format!("upstream `{}`: its host is not a valid header value", config.name))
+        })?;
         let base_path =
             parts.path_and_query.map(|path| path.path().trim_end_matches('/').to_owned()).unwrap_or_default();
         let authorization = match &config.api_key {
@@ -81,15 +85,18 @@ impl Upstream {
         };
         Ok(Self {
             name: config.name.clone(),
-            scheme,
-            authority,
+            host,
             base_path,
             authorization,
             billing,
             models: config.models.clone(),
             weight: config.weight.get(),
             timeout: config.timeout,
-            clients: client::build(config.connect_timeout, config.ca_file.as_deref())?,
+            pool: Pool::new(connect::Target::new(
+                &config.base_url,
+                config.connect_timeout,
+                config.ca_file.as_deref(),
+            )?),
             health: health::Health::default(),
         })
     }
@@ -98,11 +105,19 @@ impl Upstream {
         self.models.matches(model)
     }
 
-    /// The upstream URL for a client's `/v1/...` path and query: the part after `/v1`
-    /// goes under the base URL's path, the query is kept as sent.
-    pub fn url_for(&self, client_path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
+    /// The upstream's request target (origin form) for a client's `/v1/...` path and
+    /// query: the part after `/v1` goes under the base URL's path, the query is kept as
+    /// sent.
+    pub fn target_for(&self, client_path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
         let path = client_path_and_query.path();
-        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        let (rest, unchanged) = match path.strip_prefix("/v1") {
+            Some(rest) => (rest, self.base_path == "/v1"),
+            None => (path, self.base_path.is_empty()),
+        };
+        if unchanged {
+            // The usual case (a base URL ending in `/v1`): the client's target as it is.
+            return Ok(Uri::from(client_path_and_query.clone()));
+        }
         let mut target = String::with_capacity(self.base_path.len() + client_path_and_query.as_str().len());
         target.push_str(&self.base_path);
         target.push_str(rest);
@@ -113,11 +128,7 @@ impl Upstream {
             target.push('?');
             target.push_str(query);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(target)
-            .build()
+        Uri::try_from(target).map_err(http::Error::from)
     }
 }
 

@@ -302,10 +302,7 @@ async fn a_connect_that_hangs_is_cut_by_connect_timeout() {
 
     let (status, code, message) = gateway_error(response).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"), "{message}");
-    assert!(
-        message.contains("could not be connected to: tcp connect error: deadline has elapsed"),
-        "{message}"
-    );
+    assert!(message.contains("could not be connected to: connect timed out after 200ms"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
 
