@@ -71,13 +71,13 @@ fn chat_stream() -> Vec<Bytes> {
 }
 
 fn relay(frames: &[Bytes], strip: bool) -> usize {
-    let mut watch = StreamWatch::new(strip);
+    let mut watch = StreamWatch::new(strip, "gpt-4o");
     let mut sent = 0;
     for frame in frames {
         sent += watch.relay(frame.clone()).len();
     }
     sent += watch.finish().map_or(0, |tail| tail.len());
-    black_box((watch.usage(), watch.done(), watch.completion_text().len()));
+    black_box((watch.usage(), watch.done(), watch.completion_tokens()));
     sent
 }
 

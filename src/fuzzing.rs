@@ -141,6 +141,8 @@ fn check_rewrite(input: &[u8], call: &CallSummary, rewritten: &[u8]) {
 /// input); without stripping it relays the input unchanged, with stripping it drops
 /// whole events only, each carrying usage. A single-line body that the watch reads
 /// usage from as a `data:` chunk gives the same usage to [`openai::usage_from_json`].
+/// Whatever the chunk reader reads from the input as a chunk, serde's derive (the
+/// reader it replaced, [`reference_chunk`]) reads alike.
 pub fn sse(input: &[u8]) {
     let whole = [input.len()];
     let bytewise: Vec<usize> = (1..=input.len()).collect();
@@ -160,6 +162,15 @@ pub fn sse(input: &[u8]) {
     let unstripped = watch(input, &whole, false);
     assert_eq!(watch(input, &whole, true).records, unstripped.records, "stripping changed what was read");
 
+    let mut texts = Vec::new();
+    if let Ok(read) = openai::sse::chunk::read(input, |text| texts.push(text.to_owned())) {
+        let Some((reference, mut expected)) = reference_chunk(input) else {
+            panic!("the derive refuses a chunk the reader reads: {read:?}")
+        };
+        texts.sort();
+        expected.sort();
+        assert_eq!((read, texts), (reference, expected), "the chunk readers disagree");
+    }
     let _ = openai::usage_from_json(input);
     if !input.contains(&b'\n') && !input.contains(&b'\r') {
         let event = [b"data: ", input, b"\n\n"].concat();
@@ -179,7 +190,7 @@ struct Watched {
 #[derive(Debug, PartialEq, Eq)]
 struct Records {
     usage: Option<Usage>,
-    text: String,
+    completion: u64,
     done: bool,
     finish_reason: Option<String>,
     content_filtered: bool,
@@ -189,7 +200,7 @@ struct Records {
 
 /// Relays `input` in frames ending at each of `cuts` (ascending), then the rest.
 fn watch(input: &[u8], cuts: &[usize], strip: bool) -> Watched {
-    let mut watch = StreamWatch::new(strip);
+    let mut watch = StreamWatch::new(strip, "gpt-4o");
     let mut relayed = Vec::with_capacity(input.len());
     let mut start = 0;
     for &cut in cuts.iter().chain([&input.len()]) {
@@ -200,7 +211,7 @@ fn watch(input: &[u8], cuts: &[usize], strip: bool) -> Watched {
     relayed.extend_from_slice(watch.finish().as_deref().unwrap_or_default());
     let records = Records {
         usage: watch.usage(),
-        text: watch.completion_text().to_owned(),
+        completion: watch.completion_tokens(),
         done: watch.done(),
         finish_reason: watch.finish_reason().map(str::to_owned),
         content_filtered: watch.content_filtered(),
@@ -342,4 +353,77 @@ fn percent_decoded(text: &str) -> Vec<u8> {
         }
     }
     decoded
+}
+
+/// What the stream watch's reader (`openai::sse::chunk::read`) must make of a chunk:
+/// the same fields read by serde's derive, as they were before that reader replaced
+/// it. `None` where the derive refuses the chunk. Texts come in the derive's field
+/// order, not the document's.
+pub fn reference_chunk(data: &[u8]) -> Option<(openai::sse::chunk::Chunk<'_>, Vec<String>)> {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default, borrow)]
+        choices: Option<Vec<Choice<'a>>>,
+        #[serde(default)]
+        usage: Option<openai::UsagePeek>,
+        #[serde(default)]
+        error: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        delta: Option<Delta<'a>>,
+        #[serde(default, borrow)]
+        text: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        finish_reason: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(default, borrow)]
+        content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        refusal: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        reasoning_content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        tool_calls: Option<Vec<ToolCall<'a>>>,
+    }
+    #[derive(Deserialize)]
+    struct ToolCall<'a> {
+        #[serde(default, borrow)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Function<'a> {
+        #[serde(default, borrow)]
+        arguments: Option<Cow<'a, str>>,
+    }
+
+    let chunk: Chunk<'_> = serde_json::from_slice(data).ok()?;
+    let choices = chunk.choices.unwrap_or_default();
+    let mut read = openai::sse::chunk::Chunk {
+        choices: choices.len(),
+        usage: chunk.usage.map(Usage::from),
+        error: chunk.error.is_some(),
+        ..Default::default()
+    };
+    let mut texts = Vec::new();
+    for choice in choices {
+        if let Some(delta) = choice.delta {
+            texts.extend([delta.content, delta.refusal, delta.reasoning_content].into_iter().flatten());
+            let calls = delta.tool_calls.unwrap_or_default();
+            texts.extend(calls.into_iter().filter_map(|call| call.function?.arguments));
+        }
+        texts.extend(choice.text);
+        if let Some(reason) = choice.finish_reason {
+            read.content_filtered |= reason == "content_filter";
+            read.finish_reason = Some(reason);
+        }
+    }
+    Some((read, texts.into_iter().map(Cow::into_owned).collect()))
 }

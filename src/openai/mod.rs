@@ -7,6 +7,7 @@
 //! non-streamed response's [`Usage`]. Streamed responses are [`sse`]'s business, prompt
 //! token estimates [`tokens`]'. Nothing here decides what to do with what it reads.
 
+pub(crate) mod skim;
 pub mod sse;
 pub mod tokens;
 
@@ -266,15 +267,34 @@ impl From<UsagePeek> for Usage {
 }
 
 /// The top-level `usage` of a non-streamed JSON response; `None` when the body is not
-/// JSON, has no `usage`, or its counts are not non-negative integers.
+/// a JSON object, has no `usage` (or two), or its counts are not non-negative
+/// integers. The body is checked and skipped over, not decoded ([`skim`]); only
+/// `usage` is.
 pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct Response {
-        #[serde(default)]
-        usage: Option<UsagePeek>,
-    }
-    let response: Response = serde_json::from_slice(body).ok()?;
-    response.usage.map(Usage::from)
+    let mut skim = skim::Skim::new(body);
+    let (mut usage, mut seen) = (None, false);
+    skim.object(|key, skim| {
+        if !key.is("usage") {
+            return skim.value();
+        }
+        if std::mem::replace(&mut seen, true) {
+            return Err(skim::Malformed);
+        }
+        if !skim.null() {
+            let peek = serde_json::from_slice::<UsagePeek>(skim.raw()?).map_err(|_| skim::Malformed)?;
+            usage = Some(Usage::from(peek));
+        }
+        Ok(())
+    })
+    .ok()?;
+    skim.end().ok()?;
+    usage
+}
+
+/// Whether `body` is JSON (the whole of it).
+pub fn is_json(body: &[u8]) -> bool {
+    let mut skim = skim::Skim::new(body);
+    skim.value().and_then(|()| skim.end()).is_ok()
 }
 
 #[cfg(test)]

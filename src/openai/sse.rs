@@ -2,15 +2,17 @@
 //!
 //! [`EventFramer`] splits a byte stream into Server-Sent Events wherever its frames
 //! happen to be cut; [`StreamWatch`] sits on a chat/completions or completions stream,
-//! records what the gateway needs to know about it (final usage, completion text,
-//! `[DONE]`, finish reason, errors, data it could not read) and, when asked, strips
-//! the usage-only chunk the gateway requested on the client's behalf. Frames pass
-//! through uncopied unless a chunk is stripped from them.
+//! records what the gateway needs to know about it (final usage, the completion's
+//! tokens counted as they pass, `[DONE]`, finish reason, errors, data it could not
+//! read) and, when asked, strips the usage-only chunk the gateway requested on the
+//! client's behalf. Frames pass through uncopied unless a chunk is stripped from them.
+//! Each chunk is read once, by a reader that checks its JSON and picks out the few
+//! fields the watch records (`chunk`).
 //!
 //! What the records mean for limits and caching is decided elsewhere; the Responses
 //! API's typed events (`response.completed`) are not read here.
 
-mod chunk;
+pub(crate) mod chunk;
 mod framer;
 
 use std::ops::Range;
@@ -19,12 +21,11 @@ use bytes::{Bytes, BytesMut};
 pub use framer::EventFramer;
 use framer::Piece;
 
-use self::chunk::{Chunk, Text};
-use super::{Usage, tokens};
+use super::{Usage, tokens::Encoding};
 
-/// Completion text kept for counting when no usage arrives; past this, bytes are
-/// counted instead (one token per 4).
-pub const KEPT_TEXT_BYTES: usize = 64 * 1024;
+/// Completion text counted with the model's encoding when no usage arrives; past
+/// this, bytes are counted instead (one token per 4).
+pub const COUNTED_TEXT_BYTES: usize = 64 * 1024;
 /// An event still incomplete past this size is not SSE the gateway can read: the
 /// watch stops reading and passes the rest of the stream through.
 pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
@@ -35,7 +36,11 @@ pub struct StreamWatch {
     framer: EventFramer,
     strip_usage_chunk: bool,
     usage: Option<Usage>,
-    text: String,
+    /// How the completion's text is counted; `None` counts nothing.
+    encoding: Option<Encoding>,
+    /// Completion tokens counted so far, chunk by chunk.
+    counted: u64,
+    /// Completion text seen so far, in bytes.
     text_bytes: u64,
     done: bool,
     finish_reason: Option<Box<str>>,
@@ -43,21 +48,20 @@ pub struct StreamWatch {
     error: bool,
     malformed: bool,
     gave_up: bool,
-    /// Records no completion text (the cache's watch, which only needs the outcome).
-    textless: bool,
 }
 
 impl StreamWatch {
     /// `strip_usage_chunk`: the gateway asked for usage the client did not, so the
-    /// usage-only chunk must not reach the client.
-    pub fn new(strip_usage_chunk: bool) -> Self {
-        Self { strip_usage_chunk, ..Self::default() }
+    /// usage-only chunk must not reach the client. `model`: the completion's tokens
+    /// are counted with its encoding, for a stream that ends without usage.
+    pub fn new(strip_usage_chunk: bool, model: &str) -> Self {
+        Self { strip_usage_chunk, encoding: Some(Encoding::for_model(model)), ..Self::default() }
     }
 
     /// A watch that records how the stream goes (`[DONE]`, errors, finish reasons,
-    /// unreadable data) but no completion text, and strips nothing.
+    /// unreadable data) but counts no completion, and strips nothing.
     pub fn outcome_only() -> Self {
-        Self { textless: true, ..Self::default() }
+        Self::default()
     }
 
     /// Reads one frame and returns what to send the client for it. Without stripping
@@ -129,21 +133,16 @@ impl StreamWatch {
         self.usage
     }
 
-    /// The completion text seen so far (`choices[].delta.content`, `refusal`,
-    /// `reasoning_content` and tool-call arguments; `choices[].text` for completions),
-    /// kept up to [`KEPT_TEXT_BYTES`].
-    pub fn completion_text(&self) -> &str {
-        &self.text
-    }
-
-    /// The completion tokens to charge: the upstream's usage when it sent one, else the
-    /// kept text counted with `model`'s encoding plus one token per 4 bytes past it.
-    pub fn completion_tokens(&self, model: &str) -> u64 {
-        if let Some(usage) = self.usage {
-            return usage.completion_tokens;
+    /// The completion tokens to charge: the upstream's usage when it sent one, else
+    /// the completion's text counted chunk by chunk with the model's encoding (its
+    /// first [`COUNTED_TEXT_BYTES`]; one token per 4 bytes past that). A chunk is
+    /// about one token, so counting each one's text on its own gives about what the
+    /// model generated.
+    pub fn completion_tokens(&self) -> u64 {
+        match self.usage {
+            Some(usage) => usage.completion_tokens,
+            None => self.counted,
         }
-        let past_kept = self.text_bytes.saturating_sub(self.text.len() as u64);
-        tokens::count_text(model, &self.text).saturating_add(past_kept.div_ceil(4))
     }
 
     /// `data: [DONE]` was seen: the stream was not cut off.
@@ -196,39 +195,41 @@ impl StreamWatch {
             self.done = true;
             return false;
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else {
+        let (mut counted, mut text_bytes) = (0u64, self.text_bytes);
+        let encoding = self.encoding;
+        let read = chunk::read(&data, |text| {
+            let Some(encoding) = encoding else { return };
+            let within = COUNTED_TEXT_BYTES.saturating_sub(usize::try_from(text_bytes).unwrap_or(usize::MAX));
+            let (exact, past) = text.split_at(floor_char_boundary(text, within));
+            counted += encoding.count(exact) + u64::try_from(past.len().div_ceil(4)).unwrap_or(u64::MAX);
+            text_bytes = text_bytes.saturating_add(text.len() as u64);
+        });
+        let Ok(chunk) = read else {
             self.malformed = true;
             return false;
         };
-        self.error |= chunk.error.is_some();
-        let choices = chunk.choices.unwrap_or_default();
-        for choice in &choices {
-            for text in choice.texts() {
-                self.keep_text(text);
-            }
-            if let Some(Text(reason)) = &choice.finish_reason {
-                self.content_filtered |= reason == "content_filter";
-                self.finish_reason = Some(reason.as_ref().into());
-            }
+        self.counted = self.counted.saturating_add(counted);
+        self.text_bytes = text_bytes;
+        self.error |= chunk.error;
+        self.content_filtered |= chunk.content_filtered;
+        if let Some(reason) = chunk.finish_reason {
+            self.finish_reason = Some(reason.into());
         }
-        let usage_only = choices.is_empty() && chunk.usage.is_some() && chunk.error.is_none();
+        let usage_only = chunk.choices == 0 && chunk.usage.is_some() && !chunk.error;
         if let Some(usage) = chunk.usage {
-            self.usage = Some(usage.into());
+            self.usage = Some(usage);
         }
         usage_only
     }
+}
 
-    fn keep_text(&mut self, text: &str) {
-        if self.textless {
-            return;
-        }
-        self.text_bytes = self.text_bytes.saturating_add(text.len() as u64);
-        let mut end = KEPT_TEXT_BYTES.saturating_sub(self.text.len()).min(text.len());
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.text.push_str(&text[..end]);
+/// The largest character boundary of `text` at or below `at`.
+fn floor_char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
     }
+    at
 }
 
 /// What one `relay` call sends: nothing, one slice, or several joined.
@@ -281,7 +282,8 @@ mod tests {
     struct Stream {
         bytes: Vec<u8>,
         events: Vec<(usize, bool)>,
-        text: String,
+        /// Each delta counted on its own (o200k).
+        delta_tokens: u64,
         finish_reason: Option<&'static str>,
         usage: bool,
         done: bool,
@@ -298,7 +300,7 @@ mod tests {
             let mut stream = Stream {
                 bytes: Vec::new(),
                 events: Vec::new(),
-                text: deltas.concat(),
+                delta_tokens: deltas.iter().map(|delta| Encoding::O200kBase.count(delta)).sum(),
                 finish_reason,
                 usage,
                 done,
@@ -353,16 +355,16 @@ mod tests {
     fn passes_frames_through_uncopied_when_not_stripping() {
         let stream = Stream::new(&deltas(&["Hel", "lo"]), "\n\n", Some("stop"), true, true);
         let frame = Bytes::from(stream.bytes);
-        let mut watch = StreamWatch::new(false);
+        let mut watch = StreamWatch::new(false, "gpt-4o");
         let out = watch.relay(frame.clone());
         assert_eq!((out.as_ptr(), out.len()), (frame.as_ptr(), frame.len()));
         assert_eq!(watch.finish(), None);
-        assert_eq!((watch.usage(), watch.completion_text(), watch.done()), (Some(USAGE), "Hello", true));
+        assert_eq!((watch.usage(), watch.done()), (Some(USAGE), true));
         assert_eq!(
             (watch.finish_reason(), watch.content_filtered(), watch.error()),
             (Some("stop"), false, false)
         );
-        assert_eq!(watch.completion_tokens("gpt-4o"), 5, "usage wins over counting");
+        assert_eq!(watch.completion_tokens(), 5, "usage wins over counting");
     }
 
     #[test]
@@ -370,7 +372,7 @@ mod tests {
         let frame = Bytes::from_static(
             b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":5,\"total_tokens\":16}}\n\ndata: [DONE]\n\n",
         );
-        let mut watch = StreamWatch::new(true);
+        let mut watch = StreamWatch::new(true, "gpt-4o");
         let out = watch.relay(frame.clone());
         assert_eq!(&out[..], b"data: [DONE]\n\n");
         assert!(frame.as_ptr_range().contains(&out.as_ptr()), "a slice of the frame");
@@ -380,7 +382,7 @@ mod tests {
     #[test]
     fn keeps_empty_choice_chunks_without_usage() {
         let frame = Bytes::from_static(b"data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n");
-        let mut watch = StreamWatch::new(true);
+        let mut watch = StreamWatch::new(true, "gpt-4o");
         assert_eq!(watch.relay(frame.clone()), frame);
         let error =
             Bytes::from_static(b"data: {\"choices\":[],\"usage\":{},\"error\":{\"message\":\"x\"}}\n\n");
@@ -390,52 +392,54 @@ mod tests {
 
     #[test]
     fn records_errors_filters_and_counts_without_usage() {
-        let mut watch = StreamWatch::new(false);
-        watch.relay(Bytes::from_static(
-            b"data: {\"choices\":[{\"text\":\"hello world\",\"finish_reason\":\"content_filter\"}]}\n\n",
-        ));
-        watch.relay(Bytes::from_static(b"event: error\ndata: {\"message\":\"overloaded\"}\n\n"));
+        let events = Bytes::from_static(
+            b"data: {\"choices\":[{\"text\":\"hello world\",\"finish_reason\":\"content_filter\"}]}\n\n\
+            event: error\ndata: {\"message\":\"overloaded\"}\n\n",
+        );
+        let mut watch = StreamWatch::new(false, "gpt-4o");
+        watch.relay(events.clone());
         assert!(watch.content_filtered() && watch.error() && !watch.done());
-        assert_eq!(watch.completion_tokens("gpt-4o"), 2);
-        assert_eq!(watch.completion_tokens("unknown-model"), 3);
+        assert_eq!(watch.completion_tokens(), 2);
+        let mut watch = StreamWatch::new(false, "unknown-model");
+        watch.relay(events);
+        assert_eq!(watch.completion_tokens(), 3, "11 bytes / 4, rounded up");
     }
 
     #[test]
-    fn keeps_text_up_to_its_cap_and_counts_the_rest_by_bytes() {
-        let mut watch = StreamWatch::new(false);
-        let chunk = json!({"choices": [{"delta": {"content": "é".repeat(KEPT_TEXT_BYTES)}}]});
+    fn counts_text_up_to_its_cap_and_the_rest_by_bytes() {
+        let mut watch = StreamWatch::new(false, "llama");
+        let chunk = json!({"choices": [{"delta": {"content": "é".repeat(COUNTED_TEXT_BYTES)}}]});
         watch.relay(Bytes::from(format!("data: {chunk}\n\n")));
-        assert_eq!(watch.completion_text().len(), KEPT_TEXT_BYTES);
-        let past = (KEPT_TEXT_BYTES as u64).div_ceil(4);
-        assert_eq!(watch.completion_tokens("llama"), (KEPT_TEXT_BYTES as u64).div_ceil(4) + past);
+        let counted = (COUNTED_TEXT_BYTES as u64).div_ceil(4);
+        assert_eq!(watch.completion_tokens(), counted + counted, "the first half counted, the rest by bytes");
     }
 
     #[test]
     fn flags_data_that_is_not_a_chunk() {
-        let mut watch = StreamWatch::new(false);
+        let mut watch = StreamWatch::new(false, "gpt-4o");
         watch.relay(Bytes::from_static(b": keep-alive\n\nevent: ping\n\ndata: {\"choices\":[]}\n\n"));
         assert!(!watch.malformed(), "comments, data-less events and chunks are fine");
         watch.relay(Bytes::from_static(b"data: {\"choices\":[{\"delta\":\n\n"));
         assert!(watch.malformed());
 
-        let mut watch = StreamWatch::new(false);
+        let mut watch = StreamWatch::new(false, "gpt-4o");
         watch.relay(Bytes::from_static(b"data: <html>502 Bad Gateway</html>\n\ndata: [DONE]\n\n"));
         assert!(watch.malformed() && watch.done());
     }
 
     #[test]
-    fn an_outcome_only_watch_keeps_no_text_and_strips_nothing() {
-        let stream = Stream::new(&deltas(&["Hel", "lo"]), "\n\n", Some("stop"), true, true);
+    fn an_outcome_only_watch_counts_nothing_and_strips_nothing() {
+        let stream = Stream::new(&deltas(&["Hel", "lo"]), "\n\n", Some("stop"), false, true);
         let frame = Bytes::from(stream.bytes);
         let mut watch = StreamWatch::outcome_only();
         assert_eq!(watch.relay(frame.clone()), frame);
-        assert_eq!(watch.completion_text(), "");
+        assert_eq!(watch.completion_tokens(), 0);
         assert_eq!((watch.done(), watch.finish_reason(), watch.malformed()), (true, Some("stop"), false));
     }
 
     #[test]
     fn finish_flushes_an_unterminated_event() {
-        let mut watch = StreamWatch::new(true);
+        let mut watch = StreamWatch::new(true, "gpt-4o");
         assert!(watch.relay(Bytes::from_static(b"data: [DONE]")).is_empty());
         assert_eq!(watch.finish().as_deref(), Some(&b"data: [DONE]"[..]));
         assert!(watch.done());
@@ -443,7 +447,7 @@ mod tests {
 
     #[test]
     fn passes_an_oversized_event_through_unread() {
-        let mut watch = StreamWatch::new(true);
+        let mut watch = StreamWatch::new(true, "gpt-4o");
         let big = Bytes::from(vec![b'x'; MAX_EVENT_BYTES + 1]);
         assert_eq!(watch.relay(big.clone()), big);
         assert!(watch.gave_up());
@@ -469,7 +473,7 @@ mod tests {
         ) {
             let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut.index(stream.bytes.len() + 1)).collect();
             cuts.sort_unstable();
-            let mut watch = StreamWatch::new(strip);
+            let mut watch = StreamWatch::new(strip, "gpt-4o");
             let mut out = Vec::new();
             let mut start = 0;
             for cut in cuts.into_iter().chain([stream.bytes.len()]) {
@@ -482,7 +486,8 @@ mod tests {
             out.extend(watch.finish().as_deref().unwrap_or_default());
             let expected = if strip { stream.stripped_prefix(usize::MAX) } else { stream.bytes.clone() };
             prop_assert_eq!(out, expected);
-            prop_assert_eq!(watch.completion_text(), stream.text.as_str());
+            let completion = if stream.usage { USAGE.completion_tokens } else { stream.delta_tokens };
+            prop_assert_eq!(watch.completion_tokens(), completion);
             prop_assert_eq!(watch.usage(), stream.usage.then_some(USAGE));
             prop_assert_eq!(watch.done(), stream.done);
             prop_assert_eq!(watch.finish_reason(), stream.finish_reason);

@@ -189,12 +189,6 @@ pub async fn ready() {
     TABLES.wait().await;
 }
 
-/// Tokens in `text` for `model`: used to count a streamed completion when the
-/// upstream sent no usage.
-pub fn count_text(model: &str, text: &str) -> u64 {
-    Encoding::for_model(model).count(text)
-}
-
 /// Estimates what the JSON request `body` for `model` may spend. `default_completion`
 /// is the completion allowance when the body caps none (pass 0 for embeddings).
 pub fn estimate(model: &str, body: &[u8], default_completion: u64) -> TokenEstimate {
@@ -238,10 +232,11 @@ mod tests {
 
     #[test]
     fn counts_text_with_the_real_encodings() {
-        assert_eq!(count_text("gpt-4o", "hello world"), 2);
-        assert_eq!(count_text("gpt-4", "hello world"), 2);
-        assert_eq!(count_text("gpt-4o", ""), 0);
-        assert_eq!(count_text("some-local-model", "hello world"), 3, "11 bytes / 4, rounded up");
+        let count = |model, text| Encoding::for_model(model).count(text);
+        assert_eq!(count("gpt-4o", "hello world"), 2);
+        assert_eq!(count("gpt-4", "hello world"), 2);
+        assert_eq!(count("gpt-4o", ""), 0);
+        assert_eq!(count("some-local-model", "hello world"), 3, "11 bytes / 4, rounded up");
     }
 
     /// Characters from every class the split patterns tell apart, and the contraction

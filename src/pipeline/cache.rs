@@ -40,7 +40,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, StreamBody};
 use parking_lot::Mutex;
-use serde::de::IgnoredAny;
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 
@@ -394,7 +393,7 @@ impl Recording {
                 }
                 CachedBody::Events(compact(body))
             }
-            None if serde_json::from_slice::<IgnoredAny>(&body).is_ok() => CachedBody::Full(compact(body)),
+            None if crate::openai::is_json(&body) => CachedBody::Full(compact(body)),
             None => return,
         };
         pending.store(body, reservation);

@@ -128,7 +128,7 @@ impl Metered {
         let watch = if !response.status().is_success() {
             Watch::Free
         } else if essence.eq_ignore_ascii_case("text/event-stream") {
-            Watch::Stream(Box::new(StreamWatch::new(strip_usage)))
+            Watch::Stream(Box::new(StreamWatch::new(strip_usage, &model)))
         } else if essence.eq_ignore_ascii_case("application/json") {
             Watch::Json { frames: Vec::new(), len: 0 }
         } else {
@@ -168,7 +168,7 @@ impl Metered {
             // No token bucket to settle: nothing to count.
             _ if settlement.quota.tokens_per_minute.is_none() => settlement.estimate.total(),
             _ if usage.is_some() => usage.map_or(0, |usage| usage.total_tokens),
-            Watch::Stream(watch) => settlement.estimate.prompt + watch.completion_tokens(&self.model),
+            Watch::Stream(watch) => settlement.estimate.prompt + watch.completion_tokens(),
             Watch::Free => 0,
             _ => settlement.estimate.total(),
         };

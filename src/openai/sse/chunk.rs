@@ -4,9 +4,10 @@
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Deserializer, de::IgnoredAny};
-
-use crate::openai::UsagePeek;
+use crate::openai::{
+    Usage, UsagePeek,
+    skim::{Malformed, Skim},
+};
 
 /// The fields of one event that matter to the watch.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -60,89 +61,155 @@ fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     }
 }
 
-/// A string, borrowed from the chunk when it has no escapes.
-#[derive(Debug)]
-pub(super) struct Text<'a>(pub Cow<'a, str>);
+/// What one chunk says that the watch records.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    /// How many choices it has (none when `choices` is absent or `null`).
+    pub choices: usize,
+    pub usage: Option<Usage>,
+    /// It carries an `error` (anything but `null`).
+    pub error: bool,
+    /// The last non-null `finish_reason` of its choices.
+    pub finish_reason: Option<Cow<'a, str>>,
+    /// Some choice finished with `content_filter`.
+    pub content_filtered: bool,
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> serde::de::Visitor<'de> for TextVisitor {
-            type Value = Text<'de>;
-            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                formatter.write_str("a string")
+/// Reads a chunk (one event's `data`), calling `text` with each piece of completion
+/// text it carries: `choices[].delta.content`, `refusal`, `reasoning_content` (not
+/// OpenAI's, but common among compatible upstreams) and tool calls' `arguments`, and
+/// `choices[].text` for completions. `Err` when it is not JSON, not an object, or
+/// one of those fields has a type serde would refuse (or comes twice): the fields are
+/// read exactly as `#[derive(Deserialize)]` with `#[serde(default)]` reads them
+/// (`fuzzing::reference_chunk` is that derive, and the tests hold the two together).
+pub fn read<'a>(data: &'a [u8], mut text: impl FnMut(&str)) -> Result<Chunk<'a>, Malformed> {
+    let mut chunk = Chunk::default();
+    let mut skim = Skim::new(data);
+    let mut seen = Seen::default();
+    skim.object(|key, skim| {
+        if key.is("choices") {
+            seen.once(0)?;
+            if !skim.null() {
+                skim.array(|skim| {
+                    chunk.choices += 1;
+                    choice(skim, &mut chunk, &mut text)
+                })?;
             }
-            fn visit_borrowed_str<E: serde::de::Error>(self, text: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(text)))
+        } else if key.is("usage") {
+            seen.once(1)?;
+            if !skim.null() {
+                let peek = serde_json::from_slice::<UsagePeek>(skim.raw()?).map_err(|_| Malformed)?;
+                chunk.usage = Some(peek.into());
             }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(text.to_owned())))
+        } else if key.is("error") {
+            seen.once(2)?;
+            chunk.error = !skim.null();
+            if chunk.error {
+                skim.value()?;
             }
+        } else {
+            skim.value()?;
         }
-        deserializer.deserialize_str(TextVisitor)
+        Ok(())
+    })?;
+    skim.end()?;
+    Ok(chunk)
+}
+
+/// One element of `choices`.
+fn choice<'a>(
+    skim: &mut Skim<'a>,
+    chunk: &mut Chunk<'a>,
+    text: &mut impl FnMut(&str),
+) -> Result<(), Malformed> {
+    let mut seen = Seen::default();
+    skim.object(|key, skim| {
+        if key.is("delta") {
+            seen.once(0)?;
+            if !skim.null() {
+                delta(skim, text)?;
+            }
+        } else if key.is("text") {
+            seen.once(1)?;
+            optional_text(skim, text)?;
+        } else if key.is("finish_reason") {
+            seen.once(2)?;
+            if !skim.null() {
+                let reason = skim.string()?.text()?;
+                chunk.content_filtered |= reason == "content_filter";
+                chunk.finish_reason = Some(reason);
+            }
+        } else {
+            skim.value()?;
+        }
+        Ok(())
+    })
+}
+
+/// A choice's `delta`.
+fn delta(skim: &mut Skim<'_>, text: &mut impl FnMut(&str)) -> Result<(), Malformed> {
+    let mut seen = Seen::default();
+    skim.object(|key, skim| {
+        let texts = ["content", "refusal", "reasoning_content"];
+        if let Some(field) = texts.iter().position(|name| key.is(name)) {
+            seen.once(field)?;
+            optional_text(skim, text)
+        } else if key.is("tool_calls") {
+            seen.once(texts.len())?;
+            tool_calls(skim, text)
+        } else {
+            skim.value()
+        }
+    })
+}
+
+/// `tool_calls`: `null`, or calls whose `function.arguments` are text.
+fn tool_calls(skim: &mut Skim<'_>, text: &mut impl FnMut(&str)) -> Result<(), Malformed> {
+    if skim.null() {
+        return Ok(());
     }
+    skim.array(|skim| {
+        let mut seen = Seen::default();
+        skim.object(|key, skim| {
+            if !key.is("function") {
+                return skim.value();
+            }
+            seen.once(0)?;
+            if skim.null() {
+                return Ok(());
+            }
+            let mut seen = Seen::default();
+            skim.object(|key, skim| match key.is("arguments") {
+                true => {
+                    seen.once(0)?;
+                    optional_text(skim, text)
+                }
+                false => skim.value(),
+            })
+        })
+    })
 }
 
-/// The fields of a streamed chunk the watch reads.
-#[derive(Deserialize)]
-pub(super) struct Chunk<'a> {
-    #[serde(default, borrow)]
-    pub choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    pub usage: Option<UsagePeek>,
-    #[serde(default)]
-    pub error: Option<IgnoredAny>,
+/// A field that is `null` or text, given to `text`.
+fn optional_text(skim: &mut Skim<'_>, text: &mut impl FnMut(&str)) -> Result<(), Malformed> {
+    if !skim.null() {
+        text(&skim.string()?.text()?);
+    }
+    Ok(())
 }
 
-#[derive(Deserialize)]
-pub(super) struct Choice<'a> {
-    #[serde(default, borrow)]
-    pub delta: Option<Delta<'a>>,
-    /// Completions stream their text here.
-    #[serde(default, borrow)]
-    pub text: Option<Text<'a>>,
-    #[serde(default, borrow)]
-    pub finish_reason: Option<Text<'a>>,
-}
+/// The known fields of one object seen so far, by number: serde refuses one twice.
+#[derive(Default)]
+struct Seen(u8);
 
-#[derive(Deserialize)]
-pub(super) struct Delta<'a> {
-    #[serde(default, borrow)]
-    pub content: Option<Text<'a>>,
-    #[serde(default, borrow)]
-    pub refusal: Option<Text<'a>>,
-    /// Not OpenAI's, but common among OpenAI-compatible upstreams.
-    #[serde(default, borrow)]
-    pub reasoning_content: Option<Text<'a>>,
-    #[serde(default, borrow)]
-    pub tool_calls: Option<Vec<ToolCall<'a>>>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct ToolCall<'a> {
-    #[serde(default, borrow)]
-    pub function: Option<Function<'a>>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct Function<'a> {
-    #[serde(default, borrow)]
-    pub arguments: Option<Text<'a>>,
-}
-
-impl<'a> Choice<'a> {
-    /// Every piece of completion text this choice carries.
-    pub fn texts(&self) -> impl Iterator<Item = &str> {
-        let delta = self.delta.as_ref();
-        let own = [
-            delta.and_then(|delta| delta.content.as_ref()),
-            delta.and_then(|delta| delta.refusal.as_ref()),
-            delta.and_then(|delta| delta.reasoning_content.as_ref()),
-            self.text.as_ref(),
-        ];
-        let calls = delta.and_then(|delta| delta.tool_calls.as_deref()).unwrap_or_default();
-        let arguments = calls.iter().filter_map(|call| call.function.as_ref()?.arguments.as_ref());
-        own.into_iter().flatten().chain(arguments).map(|Text(text)| text.as_ref())
+impl Seen {
+    fn once(&mut self, field: usize) -> Result<(), Malformed> {
+        let bit = 1 << field;
+        if self.0 & bit != 0 {
+            return Err(Malformed);
+        }
+        self.0 |= bit;
+        Ok(())
     }
 }
 
@@ -164,17 +231,226 @@ mod tests {
     }
 
     #[test]
-    fn reads_chunk_fields_borrowed() {
+    fn reads_chunk_fields() {
         let json = br#"{"id":"c","choices":[{"index":0,"delta":{"content":"Hel","tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]},"finish_reason":null},{"index":1,"text":"lo","finish_reason":"stop"}],"usage":null}"#;
-        let chunk: Chunk<'_> = serde_json::from_slice(json).expect("a chunk");
-        let choices = chunk.choices.expect("choices");
-        let texts: Vec<&str> = choices.iter().flat_map(Choice::texts).collect();
+        let mut texts = Vec::new();
+        let chunk = read(json, |text| texts.push(text.to_owned())).expect("a chunk");
         assert_eq!(texts, ["Hel", "{\"a\":1}", "lo"]);
-        assert!(matches!(
-            choices[0].delta.as_ref().and_then(|d| d.content.as_ref()),
-            Some(Text(Cow::Borrowed(_)))
-        ));
-        assert!(choices[0].finish_reason.is_none());
-        assert!(chunk.usage.is_none() && chunk.error.is_none());
+        assert_eq!(chunk, Chunk { choices: 2, finish_reason: Some("stop".into()), ..Chunk::default() });
+        let usage = read(
+            br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+            |_| {},
+        );
+        assert_eq!(
+            usage.map(|chunk| chunk.usage),
+            Ok(Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }))
+        );
+    }
+
+    #[test]
+    fn refuses_what_serde_refuses() {
+        for data in [
+            &br#"[]"#[..],
+            br#"{"choices":{}}"#,
+            br#"{"choices":[{"text":5}]}"#,
+            br#"{"choices":[],"choices":[]}"#,
+            br#"{"choices":[{"delta":{"content":"a","content":"b"}}]}"#,
+            br#"{"usage":{"prompt_tokens":-1}}"#,
+            br#"{"choices":[{"finish_reason":"\ud800"}]}"#,
+            br#"{"id":"x"#,
+            b"<html>",
+        ] {
+            assert_eq!(read(data, |_| {}), Err(Malformed), "{}", String::from_utf8_lossy(data));
+        }
+        assert_eq!(read(br#"{"ch\u006fices":[{}],"error":null}"#, |_| {}).map(|chunk| chunk.choices), Ok(1));
+        assert_eq!(read(br#"{"error":{"message":"x"}}"#, |_| {}).map(|chunk| chunk.error), Ok(true));
+    }
+
+    /// Any JSON made of the keys the reader knows, at any place, of every type,
+    /// sometimes twice, sometimes with escaped keys.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let key = prop::sample::select(KEYS.to_vec());
+        leaf().prop_recursive(5, 48, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(|items| format!("[{}]", items.join(","))),
+                prop::collection::vec((key.clone(), inner), 0..4).prop_map(object),
+            ]
+        })
+    }
+
+    const KEYS: &[&str] = &[
+        "\"choices\"",
+        "\"usage\"",
+        "\"error\"",
+        "\"delta\"",
+        "\"text\"",
+        "\"finish_reason\"",
+        "\"content\"",
+        "\"refusal\"",
+        "\"reasoning_content\"",
+        "\"tool_calls\"",
+        "\"function\"",
+        "\"arguments\"",
+        "\"prompt_tokens\"",
+        "\"completion_tokens\"",
+        "\"total_tokens\"",
+        "\"input_tokens\"",
+        "\"id\"",
+        "\"c\\u006fntent\"",
+        "\"ch\\u006fices\"",
+    ];
+
+    fn leaf() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop::sample::select(vec![
+            "null",
+            "true",
+            "0",
+            "7",
+            "-1",
+            "1.5",
+            "1e400",
+            "\"\"",
+            "\"hi\"",
+            "\"content_filter\"",
+            "\"stop\"",
+            "\"a\\nb\"",
+            "\"\\ud83d\\ude00\"",
+            "\"\\ud800\"",
+            "[]",
+            "{}",
+        ])
+        .prop_map(str::to_owned)
+    }
+
+    /// A leaf where the derive expects a struct: anything but an array (which it would
+    /// read as the struct's fields in order).
+    fn not_array() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        leaf().prop_filter("not an array", |leaf| leaf != "[]")
+    }
+
+    fn object(members: Vec<(&str, String)>) -> String {
+        let members: Vec<String> = members.into_iter().map(|(key, value)| format!("{key}:{value}")).collect();
+        format!("{{{}}}", members.join(","))
+    }
+
+    /// Chunks shaped as the derive's structs are (objects where it expects a struct),
+    /// with leaves of every type in every field, unknown members, and known ones
+    /// twice now and then.
+    fn chunk_shaped() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let members = |fields: Vec<(&'static str, BoxedStrategy<String>)>| {
+            let choices: Vec<_> = fields
+                .into_iter()
+                .map(|(key, value)| value.prop_map(move |value| (key, value)).boxed())
+                .collect();
+            prop::collection::vec(prop::strategy::Union::new(choices), 0..5).prop_map(object).boxed()
+        };
+        let text = leaf().boxed();
+        let any = any_json().boxed();
+        let function = prop_oneof![
+            not_array(),
+            members(vec![("\"arguments\"", text.clone()), ("\"name\"", any.clone())])
+        ]
+        .boxed();
+        let call =
+            prop_oneof![not_array(), members(vec![("\"function\"", function), ("\"id\"", any.clone())])]
+                .boxed();
+        let calls = prop_oneof![
+            leaf(),
+            prop::collection::vec(call, 0..3).prop_map(|calls| format!("[{}]", calls.join(",")))
+        ]
+        .boxed();
+        let delta = prop_oneof![
+            not_array(),
+            members(vec![
+                ("\"content\"", text.clone()),
+                ("\"c\\u006fntent\"", text.clone()),
+                ("\"refusal\"", text.clone()),
+                ("\"reasoning_content\"", text.clone()),
+                ("\"tool_calls\"", calls),
+                ("\"role\"", any.clone()),
+            ])
+        ]
+        .boxed();
+        let choice = prop_oneof![
+            not_array(),
+            members(vec![
+                ("\"delta\"", delta),
+                ("\"text\"", text.clone()),
+                ("\"finish_reason\"", text.clone()),
+                ("\"index\"", any.clone()),
+            ])
+        ]
+        .boxed();
+        let choices = prop_oneof![
+            leaf(),
+            prop::collection::vec(choice, 0..3).prop_map(|choices| format!("[{}]", choices.join(",")))
+        ]
+        .boxed();
+        let count =
+            prop::sample::select(vec!["0", "3", "-1", "1.5", "\"2\"", "null", "18446744073709551615"])
+                .prop_map(str::to_owned)
+                .boxed();
+        let usage = prop_oneof![
+            not_array(),
+            members(vec![
+                ("\"prompt_tokens\"", count.clone()),
+                ("\"input_tokens\"", count.clone()),
+                ("\"completion_tokens\"", count.clone()),
+                ("\"total_tokens\"", count),
+                ("\"details\"", any.clone()),
+            ])
+        ]
+        .boxed();
+        members(vec![
+            ("\"choices\"", choices),
+            ("\"usage\"", usage),
+            ("\"error\"", any.clone()),
+            ("\"id\"", any),
+        ])
+    }
+
+    /// What a reader found in a chunk: its fields and texts.
+    type Found = Option<(Chunk<'static>, Vec<String>)>;
+
+    /// Both readers' findings, texts sorted (the derive gives them in its field order).
+    fn findings(chunk: &str) -> (Found, Found) {
+        let mut texts = Vec::new();
+        let ours = read(chunk.as_bytes(), |text| texts.push(text.to_owned())).ok().map(|read| (read, texts));
+        let reference = crate::fuzzing::reference_chunk(chunk.as_bytes());
+        let sorted = |found: Found| {
+            found.map(|(read, mut texts)| {
+                texts.sort();
+                (read, texts)
+            })
+        };
+        (sorted(ours.map(owned)), sorted(reference.map(owned)))
+    }
+
+    fn owned((read, texts): (Chunk<'_>, Vec<String>)) -> (Chunk<'static>, Vec<String>) {
+        let finish_reason = read.finish_reason.map(|reason| std::borrow::Cow::Owned(reason.into_owned()));
+        (Chunk { finish_reason, ..read }, texts)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reads_chunks_as_the_derive_does(chunk in chunk_shaped()) {
+            let (ours, reference) = findings(&chunk);
+            proptest::prop_assert_eq!(ours, reference, "{}", chunk);
+        }
+
+        #[test]
+        fn what_it_reads_anywhere_the_derive_reads_alike(json in any_json()) {
+            // The derive also reads a struct from an array of its fields, which this
+            // reader refuses (a chunk is an object); whatever this one reads, it reads
+            // as the derive does.
+            let (ours, reference) = findings(&json);
+            if ours.is_some() {
+                proptest::prop_assert_eq!(ours, reference, "{}", json);
+            }
+        }
     }
 }
