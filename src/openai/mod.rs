@@ -274,7 +274,7 @@ pub fn usage_from_json(body: &[u8]) -> Option<Usage> {
     let mut skim = skim::Skim::new(body);
     let (mut usage, mut seen) = (None, false);
     skim.object(|key, skim| {
-        if !key.is("usage") {
+        if *key.name()? != *b"usage" {
             return skim.value();
         }
         if std::mem::replace(&mut seen, true) {

@@ -13,6 +13,48 @@ use std::borrow::Cow;
 /// Containers nested deeper than this are refused (serde_json's own limit).
 pub const MAX_DEPTH: usize = 128;
 
+/// The bytes that end a run of plain text in a string: `"`, `\` and the control
+/// characters.
+static STRING_STOP: [bool; 256] = {
+    let mut stop = [false; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        stop[byte] = true;
+        byte += 1;
+    }
+    stop[b'"' as usize] = true;
+    stop[b'\\' as usize] = true;
+    stop
+};
+
+/// Where the plain text of a string that continues at `at` ends: at the first `"`,
+/// `\\` or control character. Eight bytes at a time (a word test: a byte below 0x20,
+/// or equal to `"` or `\\`, sets its high bit in `stops`; a false one can only come
+/// after a true one, so the lowest is the answer), byte by byte in the last few.
+/// Chunks are full of short strings, where a vectorised search costs more to set up
+/// than it saves.
+fn plain_run(bytes: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        let stops = word.wrapping_sub(ONES * 0x20) & !word & HIGHS
+            | zero_byte(word ^ (ONES * u64::from(b'"')))
+            | zero_byte(word ^ (ONES * u64::from(b'\\')));
+        if stops != 0 {
+            return at + (stops.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    while bytes.get(at).is_some_and(|&byte| !STRING_STOP[usize::from(byte)]) {
+        at += 1;
+    }
+    at
+}
+
 /// The input is not JSON (or not the JSON the caller expects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Malformed;
@@ -31,11 +73,12 @@ pub struct Str<'a> {
 }
 
 impl<'a> Str<'a> {
-    /// Whether the string, decoded, is `text` (as serde matches a field name).
-    pub fn is(&self, text: &str) -> bool {
+    /// The string decoded, as bytes to match a key against (as serde matches field
+    /// names): borrowed unless it has escapes.
+    pub fn name(&self) -> Result<Cow<'a, [u8]>, Malformed> {
         match self.escaped {
-            false => self.raw == text.as_bytes(),
-            true => self.text().is_ok_and(|decoded| decoded == text),
+            false => Ok(Cow::Borrowed(self.raw)),
+            true => Ok(Cow::Owned(self.text()?.into_owned().into_bytes())),
         }
     }
 
@@ -99,15 +142,15 @@ impl<'a> Skim<'a> {
         let start = self.at;
         let mut escaped = false;
         loop {
-            let rest = &self.bytes[self.at..];
-            let Some(offset) = memchr::memchr2(b'"', b'\\', rest) else { return Err(Malformed) };
-            if rest[..offset].iter().any(|&byte| byte < 0x20) {
-                return Err(Malformed);
-            }
-            self.at += offset;
-            if self.bytes[self.at] == b'"' {
-                self.at += 1;
-                return Ok(Str { raw: &self.bytes[start..self.at - 1], escaped });
+            self.at = plain_run(self.bytes, self.at);
+            match self.bytes.get(self.at) {
+                Some(b'"') => {
+                    self.at += 1;
+                    return Ok(Str { raw: &self.bytes[start..self.at - 1], escaped });
+                }
+                Some(b'\\') => {}
+                // A control character, or the end of the input.
+                _ => return Err(Malformed),
             }
             escaped = true;
             let escape = self.bytes.get(self.at + 1).ok_or(Malformed)?;
@@ -344,6 +387,15 @@ mod tests {
         assert!(!valid(&deep), "nesting past the limit");
         let fine = "[".repeat(MAX_DEPTH - 2) + &"]".repeat(MAX_DEPTH - 2);
         assert!(valid(&fine));
+    }
+
+    proptest! {
+        #[test]
+        fn plain_runs_end_at_the_first_stop_byte(bytes in prop::collection::vec(any::<u8>(), 0..40), at in 0usize..40) {
+            let at = at.min(bytes.len());
+            let expected = bytes[at..].iter().position(|&byte| STRING_STOP[usize::from(byte)]).map_or(bytes.len(), |offset| at + offset);
+            prop_assert_eq!(plain_run(&bytes, at), expected);
+        }
     }
 
     fn json() -> impl Strategy<Value = serde_json::Value> {

@@ -100,12 +100,7 @@ impl Pool {
             match answer {
                 Ok(response) => {
                     let pool = Arc::downgrade(self);
-                    return Ok(response.map(|body| Relay {
-                        body,
-                        connection: Some(connection),
-                        pool,
-                        failed: None,
-                    }));
+                    return Ok(response.map(|body| Relay::new(body, Some(connection), pool)));
                 }
                 Err(mut refused) => match refused.take_message() {
                     // An idle connection that had died: nothing was sent, try a new one.
@@ -126,7 +121,7 @@ impl Pool {
             }
         });
         let response = sender.send_request(request).await?;
-        Ok(response.map(|body| Relay { body, connection: None, pool: Weak::new(), failed: None }))
+        Ok(response.map(|body| Relay::new(body, None, Weak::new())))
     }
 
     async fn connect(&self) -> Result<Connection, SendError> {
@@ -211,19 +206,30 @@ impl Connection {
 /// A response body from an upstream, driving its connection as it is read and giving
 /// it back to the pool once complete.
 ///
-/// A failure is returned one poll late. The listener drops a client connection whose
-/// response body fails without writing out what it holds, and with the connection
-/// driven here a failure (an upstream reset) often comes in the same poll as the last
-/// bytes before it: waiting a poll lets the head and those bytes reach the client,
-/// which then sees the body fail, as the upstream's own client would.
+/// Frames that arrived together go on as one: everything the connection has ready
+/// when the body is polled (up to [`MAX_JOINED`] bytes) is one frame, so the stages
+/// above and the client's socket see one write per read, not one per chunk.
+///
+/// A failure is returned only after a poll that was `Pending`. The listener drops a
+/// client connection whose response body fails without writing out what it holds,
+/// and with the connection driven here a failure (an upstream reset) often comes in
+/// the same poll as the last bytes before it: waiting a poll lets the head and those
+/// bytes reach the client, which then sees the body fail, as the upstream's own
+/// client would.
 pub struct Relay {
     body: Incoming,
     /// `None` once given back, or for an upgrade's (its task drives it).
     connection: Option<Connection>,
     pool: Weak<Pool>,
-    /// A failure, returned by the next poll.
+    /// A failure to return, once a poll has been `Pending` since it came.
     failed: Option<hyper::Error>,
+    waited: bool,
+    /// Trailers that came after data joined into one frame, returned next.
+    trailers: Option<http::HeaderMap>,
 }
+
+/// The most bytes of frames joined into one.
+const MAX_JOINED: usize = 64 * 1024;
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -232,6 +238,10 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
+    fn new(body: Incoming, connection: Option<Connection>, pool: Weak<Pool>) -> Self {
+        Self { body, connection, pool, failed: None, waited: false, trailers: None }
+    }
+
     fn give_back(&mut self) {
         let Some(mut connection) = self.connection.take() else { return };
         // Let it finish the exchange it just ended, so it is ready for the next.
@@ -239,6 +249,31 @@ impl Relay {
         if let Some(pool) = self.pool.upgrade() {
             pool.give_back(connection);
         }
+    }
+
+    /// The next frame the connection has: the body polled first (it tells the
+    /// connection it wants more), then the connection driven, then the body again
+    /// with what the connection brought.
+    fn next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut polled = Pin::new(&mut self.body).poll_frame(cx);
+        if polled.is_pending()
+            && let Some(connection) = self.connection.as_mut()
+        {
+            connection.drive(cx);
+            polled = Pin::new(&mut self.body).poll_frame(cx);
+        }
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.connection = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn fail(&mut self, error: hyper::Error) {
+        self.failed = Some(error);
+        self.waited = false;
     }
 }
 
@@ -252,29 +287,52 @@ impl Body for Relay {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         if let Some(error) = this.failed.take() {
-            return Poll::Ready(Some(Err(error)));
+            if std::mem::replace(&mut this.waited, true) {
+                return Poll::Ready(Some(Err(error)));
+            }
+            this.failed = Some(error);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
-        // The body first (it tells the connection it wants more), then the
-        // connection, then the body again with what the connection brought.
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(connection) = this.connection.as_mut()
-        {
-            connection.drive(cx);
-            polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        match polled {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
+        let first = match this.next(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => {
-                this.connection = None;
-                this.failed = Some(error);
+                this.fail(error);
+                this.waited = true;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            _ => {}
+            other => return other,
+        };
+        let first = match first.into_data() {
+            Ok(data) => data,
+            Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+        };
+        let mut joined: Option<bytes::BytesMut> = None;
+        while !this.body.is_end_stream()
+            && joined.as_ref().map_or(first.len(), |joined| joined.len()) < MAX_JOINED
+        {
+            let more = match this.next(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(more) => more,
+                    Err(trailers) => {
+                        this.trailers = trailers.into_trailers().ok();
+                        break;
+                    }
+                },
+                Poll::Ready(Some(Err(error))) => {
+                    this.fail(error);
+                    break;
+                }
+                Poll::Ready(None) | Poll::Pending => break,
+            };
+            joined.get_or_insert_with(|| bytes::BytesMut::from(&first[..])).extend_from_slice(&more);
         }
-        polled
+        let data = joined.map_or(first, bytes::BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {

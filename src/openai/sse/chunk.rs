@@ -87,28 +87,31 @@ pub fn read<'a>(data: &'a [u8], mut text: impl FnMut(&str)) -> Result<Chunk<'a>,
     let mut skim = Skim::new(data);
     let mut seen = Seen::default();
     skim.object(|key, skim| {
-        if key.is("choices") {
-            seen.once(0)?;
-            if !skim.null() {
-                skim.array(|skim| {
-                    chunk.choices += 1;
-                    choice(skim, &mut chunk, &mut text)
-                })?;
+        match &*key.name()? {
+            b"choices" => {
+                seen.once(0)?;
+                if !skim.null() {
+                    skim.array(|skim| {
+                        chunk.choices += 1;
+                        choice(skim, &mut chunk, &mut text)
+                    })?;
+                }
             }
-        } else if key.is("usage") {
-            seen.once(1)?;
-            if !skim.null() {
-                let peek = serde_json::from_slice::<UsagePeek>(skim.raw()?).map_err(|_| Malformed)?;
-                chunk.usage = Some(peek.into());
+            b"usage" => {
+                seen.once(1)?;
+                if !skim.null() {
+                    let peek = serde_json::from_slice::<UsagePeek>(skim.raw()?).map_err(|_| Malformed)?;
+                    chunk.usage = Some(peek.into());
+                }
             }
-        } else if key.is("error") {
-            seen.once(2)?;
-            chunk.error = !skim.null();
-            if chunk.error {
-                skim.value()?;
+            b"error" => {
+                seen.once(2)?;
+                chunk.error = !skim.null();
+                if chunk.error {
+                    skim.value()?;
+                }
             }
-        } else {
-            skim.value()?;
+            _ => skim.value()?,
         }
         Ok(())
     })?;
@@ -124,23 +127,26 @@ fn choice<'a>(
 ) -> Result<(), Malformed> {
     let mut seen = Seen::default();
     skim.object(|key, skim| {
-        if key.is("delta") {
-            seen.once(0)?;
-            if !skim.null() {
-                delta(skim, text)?;
+        match &*key.name()? {
+            b"delta" => {
+                seen.once(0)?;
+                if !skim.null() {
+                    delta(skim, text)?;
+                }
             }
-        } else if key.is("text") {
-            seen.once(1)?;
-            optional_text(skim, text)?;
-        } else if key.is("finish_reason") {
-            seen.once(2)?;
-            if !skim.null() {
-                let reason = skim.string()?.text()?;
-                chunk.content_filtered |= reason == "content_filter";
-                chunk.finish_reason = Some(reason);
+            b"text" => {
+                seen.once(1)?;
+                optional_text(skim, text)?;
             }
-        } else {
-            skim.value()?;
+            b"finish_reason" => {
+                seen.once(2)?;
+                if !skim.null() {
+                    let reason = skim.string()?.text()?;
+                    chunk.content_filtered |= reason == "content_filter";
+                    chunk.finish_reason = Some(reason);
+                }
+            }
+            _ => skim.value()?,
         }
         Ok(())
     })
@@ -150,16 +156,18 @@ fn choice<'a>(
 fn delta(skim: &mut Skim<'_>, text: &mut impl FnMut(&str)) -> Result<(), Malformed> {
     let mut seen = Seen::default();
     skim.object(|key, skim| {
-        let texts = ["content", "refusal", "reasoning_content"];
-        if let Some(field) = texts.iter().position(|name| key.is(name)) {
-            seen.once(field)?;
-            optional_text(skim, text)
-        } else if key.is("tool_calls") {
-            seen.once(texts.len())?;
-            tool_calls(skim, text)
-        } else {
-            skim.value()
-        }
+        let field = match &*key.name()? {
+            b"content" => 0,
+            b"refusal" => 1,
+            b"reasoning_content" => 2,
+            b"tool_calls" => {
+                seen.once(3)?;
+                return tool_calls(skim, text);
+            }
+            _ => return skim.value(),
+        };
+        seen.once(field)?;
+        optional_text(skim, text)
     })
 }
 
@@ -171,7 +179,7 @@ fn tool_calls(skim: &mut Skim<'_>, text: &mut impl FnMut(&str)) -> Result<(), Ma
     skim.array(|skim| {
         let mut seen = Seen::default();
         skim.object(|key, skim| {
-            if !key.is("function") {
+            if *key.name()? != *b"function" {
                 return skim.value();
             }
             seen.once(0)?;
@@ -179,7 +187,7 @@ fn tool_calls(skim: &mut Skim<'_>, text: &mut impl FnMut(&str)) -> Result<(), Ma
                 return Ok(());
             }
             let mut seen = Seen::default();
-            skim.object(|key, skim| match key.is("arguments") {
+            skim.object(|key, skim| match *key.name()? == *b"arguments" {
                 true => {
                     seen.once(0)?;
                     optional_text(skim, text)
