@@ -25,9 +25,9 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode, Version, header, header::HeaderName};
+use http::{Response, StatusCode, header, header::HeaderName};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
@@ -40,7 +40,7 @@ use crate::{
         Upstream, UpstreamBody,
         connect::ConnectError,
         headers,
-        pool::{Relay, SendError},
+        pool::{Outgoing, Payload, Relay, SendError, Tunnel},
     },
 };
 
@@ -65,9 +65,9 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
         Err(error) => return Attempt::Failed { retryable: false, error },
     };
     let held_up_by_client = Arc::new(AtomicBool::new(false));
-    if matches!(request.body, RequestBody::Streaming(_)) {
+    if let Payload::Stream(body) = outgoing.body {
         let waiting = held_up_by_client.clone();
-        outgoing = outgoing.map(|body| Upload { body, held_up_by_client: waiting }.boxed_unsync());
+        outgoing.body = Payload::Stream(Upload { body, held_up_by_client: waiting }.boxed_unsync());
     }
     let attempt_deadline = (Instant::now() + upstream.timeout).min(request.deadline);
     let sent = tokio::time::timeout_at(attempt_deadline, upstream.pool.send(outgoing)).await;
@@ -91,30 +91,30 @@ pub async fn attempt(request: &mut ProxyRequest, upstream: &Upstream) -> Attempt
             return Attempt::Failed { retryable: true, error };
         }
     };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+    if let Some(tunnel) = response.body_mut().take_tunnel()
         && let Some(client_side) = request.head.extensions.remove::<OnUpgrade>()
     {
         let hold = request.head.extensions.get::<UpgradeHold>().cloned();
-        splice_upgrade(client_side, hyper::upgrade::on(&mut response), hold);
+        splice_upgrade(client_side, tunnel, hold);
     }
     Attempt::Response(relay(response, request.deadline, upstream))
 }
 
 /// The request as the upstream gets it. Takes a streamed body out of `request`.
-fn upstream_request(
-    upstream: &Upstream,
-    request: &mut ProxyRequest,
-) -> Result<Request<UpstreamBody>, GatewayError> {
+fn upstream_request(upstream: &Upstream, request: &mut ProxyRequest) -> Result<Outgoing, GatewayError> {
     let head = &request.head;
     let path =
         head.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let uri = upstream.target_for(&path).map_err(|error| GatewayError::Internal(error.into()))?;
+    let target = upstream.target_for(&path);
 
     let mut headers = head.headers.clone();
     let upgrade = headers::is_upgrade(&headers);
     headers::strip_hop_by_hop(&mut headers, upgrade);
     headers::strip_method_overrides(&mut headers);
     headers.insert(header::HOST, upstream.host.clone());
+    // The body's length is declared as it goes: the body may have been rewritten
+    // (stream usage), and framing is the connection's business.
+    headers.remove(header::CONTENT_LENGTH);
     // The client's `100-continue` was answered when its body was read (or is answered
     // as it streams); the upstream gets the body without waiting.
     headers.remove(header::EXPECT);
@@ -128,41 +128,42 @@ fn upstream_request(
     let callers_own_key = upstream.authorization.is_none() && request.caller.forwards_own_key;
     upstream.billing.apply(&mut headers, callers_own_key);
 
-    let body = match &mut request.body {
-        RequestBody::Buffered(bytes) => {
-            // The body may have been rewritten (stream usage): its length is what
-            // hyper declares, not what the client did.
-            headers.remove(header::CONTENT_LENGTH);
-            // JSON answers must stay readable: usage is read from them, usage chunks
-            // stripped, and cached ones replayed to clients of any encoding.
-            headers.remove(header::ACCEPT_ENCODING);
-            Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync()
-        }
-        RequestBody::Streaming(body) => body
-            .take()
-            .ok_or_else(|| GatewayError::Internal("a streamed request body cannot be sent twice".into()))?,
-    };
-    let mut outgoing = Request::new(body);
-    *outgoing.method_mut() = head.method.clone();
-    *outgoing.uri_mut() = uri;
-    *outgoing.version_mut() = Version::HTTP_11;
-    *outgoing.headers_mut() = headers;
-    Ok(outgoing)
+    let body =
+        match &mut request.body {
+            RequestBody::Buffered(bytes) => {
+                // JSON answers must stay readable: usage is read from them, usage chunks
+                // stripped, and cached ones replayed to clients of any encoding.
+                headers.remove(header::ACCEPT_ENCODING);
+                Payload::Full(bytes.clone())
+            }
+            RequestBody::Streaming(body) => Payload::Stream(body.take().ok_or_else(|| {
+                GatewayError::Internal("a streamed request body cannot be sent twice".into())
+            })?),
+        };
+    Ok(Outgoing { method: head.method.clone(), target, headers, body })
 }
 
 /// A failed send as the caller sees it: an error of the caller's body (over the limit,
 /// stalled: ingress put it in the body) is the caller's, anything else the upstream's
 /// 502, saying what went wrong as far as the error chain tells.
 fn transport_error(upstream: &Upstream, error: SendError) -> GatewayError {
-    let mut failure = match &error {
-        SendError::Connect(ConnectError::Dns(_)) => Some(UpstreamFailure::Dns),
-        SendError::Connect(ConnectError::Tls(_)) => Some(UpstreamFailure::Tls),
-        SendError::Connect(ConnectError::Timeout(_)) => Some(UpstreamFailure::Connect),
-        _ => None,
-    };
-    let (connecting, root): (bool, &(dyn std::error::Error + 'static)) = match &error {
-        SendError::Connect(error) => (true, error),
-        SendError::Http(error) => (false, error),
+    let (mut failure, root): (_, &(dyn std::error::Error + 'static)) = match &error {
+        SendError::Connect(ConnectError::Dns(error)) => (Some(UpstreamFailure::Dns), error),
+        SendError::Connect(ConnectError::Tls(error)) => (Some(UpstreamFailure::Tls), error),
+        SendError::Connect(error @ ConnectError::Timeout(_)) => (Some(UpstreamFailure::Connect), error),
+        SendError::Connect(ConnectError::Io(error)) => match error.kind() {
+            std::io::ErrorKind::ConnectionRefused => (Some(UpstreamFailure::Refused), error),
+            _ => (Some(UpstreamFailure::Connect), error),
+        },
+        SendError::Closed => (Some(UpstreamFailure::Closed), &error),
+        SendError::Invalid(invalid) => (Some(UpstreamFailure::InvalidResponse), invalid),
+        SendError::Io(error) => (None, error),
+        SendError::Body(body) => {
+            if let Some(client) = body.downcast_ref::<GatewayError>().and_then(client_body_error) {
+                return client;
+            }
+            (None, &**body)
+        }
     };
     let mut details: Vec<String> = Vec::new();
     let mut cause = Some(root);
@@ -181,10 +182,7 @@ fn transport_error(upstream: &Upstream, error: SendError) -> GatewayError {
             None => error.source(),
         };
     }
-    let failure = failure.unwrap_or(match connecting {
-        true => UpstreamFailure::Connect,
-        false => UpstreamFailure::Other,
-    });
+    let failure = failure.unwrap_or(UpstreamFailure::Other);
     GatewayError::UpstreamFailed { upstream: upstream.name.clone(), failure, detail: details.join(": ") }
 }
 
@@ -203,12 +201,7 @@ fn failure_of(error: &(dyn std::error::Error + 'static)) -> Option<UpstreamFailu
             _ => None,
         };
     }
-    let hyper = error.downcast_ref::<hyper::Error>()?;
-    if hyper.is_parse() || hyper.is_parse_status() || hyper.is_parse_too_large() {
-        return Some(UpstreamFailure::InvalidResponse);
-    }
-    (hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed())
-        .then_some(UpstreamFailure::Closed)
+    None
 }
 
 /// The caller's own error, when its body failed the send.
@@ -260,18 +253,17 @@ pub struct UpgradeHold(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
 
 /// Copies bytes both ways between the client and the upstream once both sides have
 /// switched protocols. Ends when either side closes; `hold` is kept until then.
-fn splice_upgrade(client_side: OnUpgrade, upstream_side: OnUpgrade, hold: Option<UpgradeHold>) {
+fn splice_upgrade(client_side: OnUpgrade, mut upstream_io: Tunnel, hold: Option<UpgradeHold>) {
     tokio::spawn(async move {
         let _hold = hold;
-        let (client_io, upstream_io) = match tokio::try_join!(client_side, upstream_side) {
-            Ok(both) => both,
+        let client_io = match client_side.await {
+            Ok(client_io) => client_io,
             Err(error) => {
                 tracing::debug!(%error, "protocol upgrade failed");
                 return;
             }
         };
         let mut client_io = TokioIo::new(client_io);
-        let mut upstream_io = TokioIo::new(upstream_io);
         if let Err(error) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await {
             tracing::debug!(%error, "upgraded connection ended");
         }
@@ -299,7 +291,7 @@ impl Body for UntilDeadline {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.body.poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from))),
+            Poll::Ready(frame) => Poll::Ready(frame),
             Poll::Pending if this.deadline.poll(cx).is_ready() => {
                 Poll::Ready(Some(Err("request deadline reached while streaming the response".into())))
             }

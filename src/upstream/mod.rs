@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::{HeaderValue, Uri, uri::PathAndQuery};
+use http::{HeaderValue, uri::PathAndQuery};
 
 use crate::{
     config::{ModelGlobs, UpstreamConfig},
@@ -17,6 +17,7 @@ pub mod connect;
 pub mod forwarded;
 pub mod headers;
 pub mod health;
+pub mod http1;
 pub mod path;
 pub mod pool;
 
@@ -108,16 +109,9 @@ impl Upstream {
     /// The upstream's request target (origin form) for a client's `/v1/...` path and
     /// query: the part after `/v1` goes under the base URL's path, the query is kept as
     /// sent.
-    pub fn target_for(&self, client_path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
+    pub fn target_for(&self, client_path_and_query: &PathAndQuery) -> String {
         let path = client_path_and_query.path();
-        let (rest, unchanged) = match path.strip_prefix("/v1") {
-            Some(rest) => (rest, self.base_path == "/v1"),
-            None => (path, self.base_path.is_empty()),
-        };
-        if unchanged {
-            // The usual case (a base URL ending in `/v1`): the client's target as it is.
-            return Ok(Uri::from(client_path_and_query.clone()));
-        }
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
         let mut target = String::with_capacity(self.base_path.len() + client_path_and_query.as_str().len());
         target.push_str(&self.base_path);
         target.push_str(rest);
@@ -128,7 +122,7 @@ impl Upstream {
             target.push('?');
             target.push_str(query);
         }
-        Uri::try_from(target).map_err(http::Error::from)
+        target
     }
 }
 
@@ -240,7 +234,7 @@ mod tests {
         let models = ModelGlobs { patterns: vec![models.into()], set: globset::GlobSet::empty() };
         let config = UpstreamConfig {
             name: name.into(),
-            base_url: Uri::from_static("http://127.0.0.1:9/v1"),
+            base_url: http::Uri::from_static("http://127.0.0.1:9/v1"),
             api_key: None,
             models,
             weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN),
