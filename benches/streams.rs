@@ -133,7 +133,6 @@ async fn open(gateway: &str, count: u64, first_chunks: Arc<AtomicU64>) {
     }
 }
 
-
 /// An OpenAI-like upstream whose every answer is a stream: its first chunk at once,
 /// then one a second.
 async fn serve_mock(listener: TcpListener) {

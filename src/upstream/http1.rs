@@ -460,11 +460,7 @@ mod tests {
     type Decoding = (Vec<u8>, Option<HeaderMap>, Vec<u8>);
 
     /// Decodes `wire` fed in pieces cut at `cuts`; the data, the trailers, what is left.
-    fn decode_cut(
-        framing: &mut Framing,
-        wire: &[u8],
-        cuts: &[usize],
-    ) -> Result<Decoding, Invalid> {
+    fn decode_cut(framing: &mut Framing, wire: &[u8], cuts: &[usize]) -> Result<Decoding, Invalid> {
         let mut buffer = BytesMut::new();
         let mut out = BytesMut::new();
         let mut start = 0;
